@@ -3,18 +3,130 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from deepen import plan as plans
+
+
+def add_plan_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True, choices=[*plans.METHODS, "custom"],
+                        help="llama-pro: zero-initialised copies (function-preserving); dus: SOLAR depth up-scaling; "
+                             "idus: interleaved DUS; stack: plain repetition; custom: a layer map (--map)")
+    parser.add_argument("--groups", type=int, help="llama-pro: number of equal groups; one or more copies after each")
+    parser.add_argument("--copies", type=int, default=1, help="llama-pro: copies of each group's top blocks (default 1)")
+    parser.add_argument("--placement", default="interleave", choices=plans.PLACEMENTS,
+                        help="llama-pro: new blocks after each group (interleave, the paper), or all at the top or bottom")
+    parser.add_argument("--drop", type=int, help="dus/idus: m, layers dropped from each copy (SOLAR: 8 of 32)")
+    parser.add_argument("--group", type=int, default=8, help="idus: length of the interleaved runs (default 8)")
+    parser.add_argument("--times", type=int, default=2, help="stack: how many times to repeat the layers (default 2)")
+    parser.add_argument("--map", help="custom: a layer map such as '0-3,3z,4-7,7z' (z = zero o_proj/down_proj)")
+
+
+def plan_from_args(args: argparse.Namespace, n_layers: int) -> plans.Plan:
+    need = {"llama-pro": ["groups"], "dus": ["drop"], "idus": ["drop"], "custom": ["map"]}.get(args.method, [])
+    missing = [f"--{k}" for k in need if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"--method {args.method} needs {' and '.join(missing)}")
+    if args.method == "llama-pro":
+        return plans.llama_pro(n_layers, args.groups, args.copies, args.placement)
+    if args.method == "dus":
+        return plans.dus(n_layers, args.drop)
+    if args.method == "idus":
+        return plans.idus(n_layers, args.drop, args.group)
+    if args.method == "stack":
+        return plans.stack(n_layers, args.times)
+    return plans.custom(args.map, n_base=n_layers)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args, args.layers)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
+    return 0
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from deepen.checkpoint import expand
+    from deepen.models import resolve
+
+    src = resolve(args.src)
+    plan = plan_from_args(args, AutoConfig.from_pretrained(src).num_hidden_layers)
+    print(plan)
+    out = expand(src, args.out, plan, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                 allow_pickle=args.allow_pickle)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from deepen.models import resolve
+    from deepen.output import read_manifest
+    from deepen.verify import verify
+
+    try:
+        plan, _ = read_manifest(args.grown)
+    except FileNotFoundError:
+        plan = None
+    report = verify(resolve(args.base), args.grown, dtype=args.dtype)
+    must_be_exact = args.exact or (plan is not None and plan.function_preserving)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if plan is not None:
+        print(f"plan: {plan.method}, {'function-preserving' if plan.function_preserving else 'changes the function'}")
+    if must_be_exact and not report.exact:
+        print("FAIL: a function-preserving plan must give exactly the base's function", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from deepen.demo import run
+
+    return run(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepen", description="Make a pretrained decoder LLM deeper without losing what it knows.")
-    parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="print a layer plan (touches no weights)")
+    p.add_argument("--layers", type=int, required=True, help="layers in the base model (Llama-2-7B: 32)")
+    add_plan_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("expand", help="grow a checkpoint on disk by a plan, streaming shard by shard")
+    p.add_argument("src", help="HF model folder or hub id (smollm2 = the offline SmolLM2-135M)")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    add_plan_args(p)
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 500MB or 5GB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickle .bin checkpoints (runs untrusted code paths)")
+    p.set_defaults(func=cmd_expand)
+
+    p = sub.add_parser("verify", help="compare a grown model with its base: exit 1 if a function-preserving plan is not exact")
+    p.add_argument("base", help="the base model folder or hub id")
+    p.add_argument("grown", help="the grown model folder (with expansion.json)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
+    p.add_argument("--exact", action="store_true", help="require an exact match even without a manifest")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="the main story on the built-in offline defaults")
+    p.add_argument("--out", default="runs/demo", help="where the demo writes its models and results (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        print(f"deepen {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
