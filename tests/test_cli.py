@@ -19,7 +19,7 @@ def test_plan_json(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "llama-pro", "--groups", "5"], "groups=5 does not divide 32 layers; try 1, 2, 4, 8, 16 or 32"),
-    (["--method", "dus"], "--method dus needs --drop"),
+    (["--method", "dus"], "method dus needs drop"),
     (["--method", "custom", "--map", "0-3,q"], "cannot read 'q'"),
 ])
 def test_plan_bad_input_is_a_clear_error(argv, message, capsys):

@@ -10,7 +10,7 @@ from deepen import plan as plans
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, choices=[*plans.METHODS, "custom"],
+    parser.add_argument("--method", required=True, choices=plans.METHODS,
                         help="llama-pro: zero-initialised copies (function-preserving); dus: SOLAR depth up-scaling; "
                              "idus: interleaved DUS; stack: plain repetition; custom: a layer map (--map)")
     parser.add_argument("--groups", type=int, help="llama-pro: number of equal groups; one or more copies after each")
@@ -23,20 +23,11 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map", help="custom: a layer map such as '0-3,3z,4-7,7z' (z = zero o_proj/down_proj)")
 
 
+PLAN_KEYS = ("groups", "copies", "placement", "drop", "group", "times", "map")
+
+
 def plan_from_args(args: argparse.Namespace, n_layers: int) -> plans.Plan:
-    need = {"llama-pro": ["groups"], "dus": ["drop"], "idus": ["drop"], "custom": ["map"]}.get(args.method, [])
-    missing = [f"--{k}" for k in need if getattr(args, k) is None]
-    if missing:
-        raise ValueError(f"--method {args.method} needs {' and '.join(missing)}")
-    if args.method == "llama-pro":
-        return plans.llama_pro(n_layers, args.groups, args.copies, args.placement)
-    if args.method == "dus":
-        return plans.dus(n_layers, args.drop)
-    if args.method == "idus":
-        return plans.idus(n_layers, args.drop, args.group)
-    if args.method == "stack":
-        return plans.stack(n_layers, args.times)
-    return plans.custom(args.map, n_base=n_layers)
+    return plans.build(args.method, n_layers, **{k: getattr(args, k) for k in PLAN_KEYS})
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

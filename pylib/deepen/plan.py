@@ -196,4 +196,25 @@ def custom(spec: str | list, n_base: int | None = None) -> Plan:
     return Plan(n, _mark_new(n, sources, zero), "custom", {"spec": spec if isinstance(spec, str) else sources})
 
 
-METHODS = {"llama-pro": llama_pro, "dus": dus, "idus": idus, "stack": stack}
+METHODS = ("llama-pro", "dus", "idus", "stack", "custom")
+
+
+def build(method: str, n_layers: int, groups: int | None = None, copies: int = 1, placement: str = "interleave",
+          drop: int | None = None, group: int = 8, times: int = 2, map: str | None = None) -> Plan:
+    """Any plan by name, with the arguments each method reads (the CLI's and the config's `grow:` keys)."""
+    need = {"llama-pro": ["groups"], "dus": ["drop"], "idus": ["drop"], "custom": ["map"]}
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    given = {"groups": groups, "drop": drop, "map": map}
+    missing = [k for k in need.get(method, []) if given[k] is None]
+    if missing:
+        raise ValueError(f"method {method} needs {' and '.join(missing)}")
+    if method == "llama-pro":
+        return llama_pro(n_layers, groups, copies, placement)
+    if method == "dus":
+        return dus(n_layers, drop)
+    if method == "idus":
+        return idus(n_layers, drop, group)
+    if method == "stack":
+        return stack(n_layers, times)
+    return custom(map, n_base=n_layers)
