@@ -199,7 +199,7 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]
     """The weight files of a folder and, when sharded, its index's weight map."""
     if (folder / SAFE_INDEX).is_file():
         weight_map = _read_index(folder / SAFE_INDEX)
-        return [folder / f for f in dict.fromkeys(weight_map.values())], weight_map
+        return [folder / f for f in sorted(set(weight_map.values()))], weight_map
     if (folder / SAFE_SINGLE).is_file():
         return [folder / SAFE_SINGLE], None
     return sorted(folder.glob("*.safetensors")), None
@@ -208,7 +208,7 @@ def _safetensors_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]
 def _pickle_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     if (folder / PICKLE_INDEX).is_file():
         weight_map = _read_index(folder / PICKLE_INDEX)
-        return [folder / f for f in dict.fromkeys(weight_map.values())], weight_map
+        return [folder / f for f in sorted(set(weight_map.values()))], weight_map
     return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()), None
 
 
