@@ -7,13 +7,14 @@ its text form (what a static viewer or a headless run shows) is the result for t
 
 from __future__ import annotations
 
+import html
 from functools import lru_cache
 
 import ipywidgets as widgets
 import torch
 import transformers as T
 
-from deepen.plan import METHODS, PLACEMENTS, Plan, dus, idus, llama_pro, stack
+from deepen.plan import METHODS, PLACEMENTS, Plan, build
 
 # Model shapes to count parameters for: (config class, model class, config arguments), from the models' configs.
 SHAPES = {
@@ -43,21 +44,6 @@ def shape_counts(shape: str) -> tuple[int, int]:
     return block, counts[0] - block
 
 
-def make_plan(method: str, layers: int, groups: int = 8, copies: int = 1, placement: str = "interleave",
-              drop: int = 8) -> Plan:
-    """One plan from the explorer's controls. llama-pro uses groups, copies and placement; dus uses drop;
-    idus uses drop and groups (layers per interleaved run); stack uses copies (how many times over)."""
-    if method == "llama-pro":
-        return llama_pro(layers, groups, copies, placement)
-    if method == "dus":
-        return dus(layers, drop)
-    if method == "idus":
-        return idus(layers, drop, groups)
-    if method == "stack":
-        return stack(layers, copies)
-    raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
-
-
 def plan_summary(plan: Plan, shape: str) -> str:
     """The layer map and the parameter counts of `plan` applied to a model of `shape`."""
     block, rest = shape_counts(shape)
@@ -67,58 +53,66 @@ def plan_summary(plan: Plan, shape: str) -> str:
     return (f"{plan}\n\n"
             f"{shape} shape, {block:,} parameters per block\n"
             f"  base   {plan.n_base:3d} blocks  {base:>16,}\n"
-            f"  grown  {plan.n_layers:3d} blocks  {grown:>16,}  (+{grown / base - 1:.1%})\n"
+            f"  grown  {plan.n_layers:3d} blocks  {grown:>16,}  ({grown / base - 1:+.1%})\n"
             f"  new    {len(plan.new_layers):3d} blocks  {new:>16,}  {trainable}")
 
 
 class PlanExplorer(widgets.VBox):
-    """Controls (method, shape, layers, groups, copies, placement, drop) over a live layer map + counts."""
+    """Controls over a live layer map + parameter counts; each method reads only its own controls (the others
+    are greyed out), with the arguments of `deepen.plan.build`."""
+
+    USES = {"llama-pro": {"groups", "copies", "placement"}, "dus": {"drop"}, "idus": {"drop", "group"},
+            "stack": {"times"}, "custom": {"map"}}
 
     def __init__(self, method="llama-pro", shape="Llama-2-7B", layers=None, groups=8, copies=1,
-                 placement="interleave", drop=8):
+                 placement="interleave", drop=8, group=8, times=2, map=None):
         n = layers or SHAPES[shape][2]["num_hidden_layers"]
-        style = {"description_width": "90px"}
+        half = n // 2
+        map = map or f"0-{half - 1},{half - 1}z,{half}-{n - 1},{n - 1}z"  # two halves, a zeroed copy after each
+        style = {"description_width": "80px"}
+        slider = lambda name, value, hi: widgets.IntSlider(value=value, min=0 if name == "drop" else 1, max=hi,  # noqa: E731
+                                                           description=name, style=style)
         self.controls = {
             "method": widgets.Dropdown(options=list(METHODS), value=method, description="method", style=style),
             "shape": widgets.Dropdown(options=list(SHAPES), value=shape, description="shape", style=style),
-            "layers": widgets.IntSlider(value=n, min=1, max=96, description="layers", style=style),
-            "groups": widgets.IntSlider(value=groups, min=1, max=96, description="groups", style=style),
-            "copies": widgets.IntSlider(value=copies, min=1, max=8, description="copies", style=style),
+            "layers": slider("layers", n, 96),
+            "groups": slider("groups", groups, 96),
+            "copies": slider("copies", copies, 8),
             "placement": widgets.Dropdown(options=list(PLACEMENTS), value=placement, description="placement", style=style),
-            "drop": widgets.IntSlider(value=drop, min=0, max=48, description="drop", style=style),
+            "drop": slider("drop", drop, 48),
+            "group": slider("group", group, 48),
+            "times": slider("times", times, 4),
+            "map": widgets.Text(value=map, description="map", style=style),
         }
         self.output = widgets.HTML()
-        super().__init__([widgets.HBox([widgets.VBox(list(self.controls.values())[:4]),
-                                        widgets.VBox(list(self.controls.values())[4:])]), self.output])
+        boxes = list(self.controls.values())
+        super().__init__([widgets.HBox([widgets.VBox(boxes[:5]), widgets.VBox(boxes[5:])]), self.output])
         self.controls["shape"].observe(self._shape_changed, "value")
-        for control in self.controls.values():
+        for control in boxes:
             control.observe(lambda _: self._update(), "value")
         self._update()
-
-    # Which controls each method reads; the others are greyed out.
-    USES = {"llama-pro": {"groups", "copies", "placement"}, "dus": {"drop"}, "idus": {"drop", "groups"},
-            "stack": {"copies"}}
 
     def _shape_changed(self, change) -> None:
         self.controls["layers"].value = SHAPES[change["new"]][2]["num_hidden_layers"]
 
     def _update(self) -> None:
         values = {k: c.value for k, c in self.controls.items()}
-        for name in ("groups", "copies", "placement", "drop"):
-            self.controls[name].disabled = name not in self.USES[values["method"]]
+        uses = self.USES[values["method"]]
+        for name in set().union(*self.USES.values()):
+            self.controls[name].disabled = name not in uses
         try:
-            plan = make_plan(values["method"], values["layers"], values["groups"], values["copies"],
-                             values["placement"], values["drop"])
+            plan = build(values["method"], values["layers"], **{k: values[k] for k in uses})
             self.plan, self.summary = plan, plan_summary(plan, values["shape"])
         except ValueError as error:  # the plan's own message names the fix
             self.plan, self.summary = None, f"no plan: {error}"
-        self.output.value = f"<pre>{self.summary}</pre>"
+        self.output.value = f"<pre>{html.escape(self.summary)}</pre>"
 
     def _repr_mimebundle_(self, **kwargs):
         return {**super()._repr_mimebundle_(**kwargs), "text/plain": self.summary}
 
 
 def plan_explorer(**defaults) -> PlanExplorer:
-    """Pick method, model shape, layers, groups, copies, placement and drop; see the layer map and the
-    parameter counts. Keyword arguments set the starting values (defaults: LLaMA Pro on Llama-2-7B, 8 groups)."""
+    """Pick method, model shape, layers, groups, copies, placement, drop (and idus's group, stack's times,
+    custom's map); see the layer map and the parameter counts. Keyword arguments set the starting values
+    (defaults: LLaMA Pro on Llama-2-7B, 8 groups -> 40 blocks)."""
     return PlanExplorer(**defaults)
