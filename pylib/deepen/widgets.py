@@ -12,33 +12,20 @@ from functools import lru_cache
 
 import ipywidgets as widgets
 import torch
-import transformers as T
+from transformers import AutoModelForCausalLM
 
+from deepen.llama import PRESETS
 from deepen.plan import METHODS, PLACEMENTS, Plan, build
-
-# Model shapes to count parameters for: (config class, model class, config arguments), from the models' configs.
-SHAPES = {
-    "Llama-2-7B": (T.LlamaConfig, T.LlamaForCausalLM, dict(
-        num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)),
-    "Mistral-7B": (T.MistralConfig, T.MistralForCausalLM, dict(
-        num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)),
-    "SmolLM2-135M": (T.LlamaConfig, T.LlamaForCausalLM, dict(
-        num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
-}
 
 
 @lru_cache
 def shape_counts(shape: str) -> tuple[int, int]:
-    """(parameters per decoder block, parameters outside the blocks) of a model shape, counted on the meta
-    device (no memory): a 2-block model minus a 1-block model is one block."""
-    config_cls, model_cls, kw = SHAPES[shape]
+    """(parameters per decoder block, parameters outside the blocks) of a `deepen.llama.PRESETS` shape, counted
+    on the meta device (no memory): a 2-block model minus a 1-block model is one block."""
     counts = []
     for n in (1, 2):
         with torch.device("meta"):
-            model = model_cls(config_cls(**{**kw, "num_hidden_layers": n}))
+            model = AutoModelForCausalLM.from_config(PRESETS[shape].replace(n_layers=n).to_hf())
         counts.append(sum(p.numel() for p in model.parameters()))
     block = counts[1] - counts[0]
     return block, counts[0] - block
@@ -51,7 +38,7 @@ def plan_summary(plan: Plan, shape: str) -> str:
     new = len(plan.new_layers) * block
     trainable = "trainable in LLaMA Pro (new blocks only)" if plan.function_preserving else "added by the plan"
     return (f"{plan}\n\n"
-            f"{shape} shape, {block:,} parameters per block\n"
+            f"{shape} shape (deepen.llama.PRESETS), {block:,} parameters per block\n"
             f"  base   {plan.n_base:3d} blocks  {base:>16,}\n"
             f"  grown  {plan.n_layers:3d} blocks  {grown:>16,}  ({grown / base - 1:+.1%})\n"
             f"  new    {len(plan.new_layers):3d} blocks  {new:>16,}  {trainable}")
@@ -64,9 +51,9 @@ class PlanExplorer(widgets.VBox):
     USES = {"llama-pro": {"groups", "copies", "placement"}, "dus": {"drop"}, "idus": {"drop", "group"},
             "stack": {"times"}, "custom": {"map"}}
 
-    def __init__(self, method="llama-pro", shape="Llama-2-7B", layers=None, groups=8, copies=1,
+    def __init__(self, method="llama-pro", shape="llama2-7b", layers=None, groups=8, copies=1,
                  placement="interleave", drop=8, group=8, times=2, map=None):
-        n = layers or SHAPES[shape][2]["num_hidden_layers"]
+        n = layers or PRESETS[shape].n_layers
         half = n // 2
         map = map or f"0-{half - 1},{half - 1}z,{half}-{n - 1},{n - 1}z"  # two halves, a zeroed copy after each
         style = {"description_width": "80px"}
@@ -74,7 +61,7 @@ class PlanExplorer(widgets.VBox):
                                                            description=name, style=style)
         self.controls = {
             "method": widgets.Dropdown(options=list(METHODS), value=method, description="method", style=style),
-            "shape": widgets.Dropdown(options=list(SHAPES), value=shape, description="shape", style=style),
+            "shape": widgets.Dropdown(options=list(PRESETS), value=shape, description="shape", style=style),
             "layers": slider("layers", n, 96),
             "groups": slider("groups", groups, 96),
             "copies": slider("copies", copies, 8),
@@ -93,7 +80,7 @@ class PlanExplorer(widgets.VBox):
         self._update()
 
     def _shape_changed(self, change) -> None:
-        self.controls["layers"].value = SHAPES[change["new"]][2]["num_hidden_layers"]
+        self.controls["layers"].value = PRESETS[change["new"]].n_layers
 
     def _update(self) -> None:
         values = {k: c.value for k, c in self.controls.items()}
@@ -114,5 +101,5 @@ class PlanExplorer(widgets.VBox):
 def plan_explorer(**defaults) -> PlanExplorer:
     """Pick method, model shape, layers, groups, copies, placement, drop (and idus's group, stack's times,
     custom's map); see the layer map and the parameter counts. Keyword arguments set the starting values
-    (defaults: LLaMA Pro on Llama-2-7B, 8 groups -> 40 blocks)."""
+    (defaults: LLaMA Pro on the Llama-2-7B shape, 8 groups -> 40 blocks)."""
     return PlanExplorer(**defaults)
