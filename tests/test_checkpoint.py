@@ -184,6 +184,19 @@ def test_sharded_output_and_index(bases, tmp_path):
         p.name for p in src.glob("model-*.safetensors"))
 
 
+def test_one_tensor_per_shard_zeros_at_the_end_of_a_file(bases, tmp_path):
+    src = bases["qwen2-tied"]
+    plan = llama_pro(4, groups=2)
+    out = expand(src, tmp_path / "out", plan, max_shard_size=1, progress=False)
+    files = sorted(out.glob("model-*.safetensors"))
+    assert len(files) == len(_weight_names(out))  # a shard per tensor: some shards are nothing but zeros
+    zero_file = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.2.mlp.down_proj.weight"]
+    with safe_open(zero_file, "pt") as f:
+        assert not f.get_tensor("model.layers.2.mlp.down_proj.weight").any()
+    assert torch.equal(_logits(_load(out), IDS), _logits(_load(src), IDS))
+
+
 def test_one_file_when_it_fits_and_int_sizes(bases, tmp_path):
     out = expand(bases["llama-tied-sharded"], tmp_path / "out", llama_pro(4, groups=2), max_shard_size=10**9,
                  progress=False)

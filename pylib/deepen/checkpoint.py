@@ -3,8 +3,9 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header naming each tensor's dtype, shape
 and byte range (`data_offsets`, relative to the end of the header), then the raw bytes. Growing a model only
 renames, repeats and zeroes whole tensors, so every tensor of the output is either a byte range of an input
-file, copied as it is (the kernel copies it: `os.copy_file_range`), or zeros. Nothing is decoded, dtypes stay
-what they were (bf16 stays bf16), and memory stays at a few MiB whatever the model's size.
+file, copied as it is (the kernel copies it: `os.copy_file_range`), or zeros (left as a hole in a sparse file:
+it reads back as zeros and costs no writing). Nothing is decoded, dtypes stay what they were (bf16 stays bf16),
+and memory stays at a few MiB whatever the model's size.
 
     >>> from deepen.plan import llama_pro
     >>> expand("smollm2", "smollm2-pro", llama_pro(30, groups=6))   # doctest: +SKIP
@@ -314,7 +315,6 @@ class _Copier:
         self.progress = progress
         self.kernel = hasattr(os, "copy_file_range")
         self.buffer: memoryview | None = None
-        self.zeros: bytes | None = None
 
     def _open(self, path: Path) -> int:
         if path not in self.fds:
@@ -348,14 +348,12 @@ class _Copier:
         _write_all(out, self.buffer[:done])
         return done
 
-    def write_zeros(self, nbytes: int, out: int) -> None:
-        if self.zeros is None:
-            self.zeros = bytes(16 * 2**20)
-        while nbytes:
-            n = min(nbytes, len(self.zeros))
-            _write_all(out, memoryview(self.zeros)[:n])
-            nbytes -= n
-            self.progress.update(n)
+    def skip_zeros(self, nbytes: int, out: int) -> None:
+        """Zeros cost nothing to write: move past them, leaving a hole that reads back as zeros (the file is
+        sparse where the file system supports it, else the kernel fills in zeros). The caller sets the final
+        size with ftruncate so that zeros at the very end exist too."""
+        os.lseek(out, nbytes, os.SEEK_CUR)
+        self.progress.update(nbytes)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -495,12 +493,14 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, plan: Plan | Callable
             for name, tensors_ in zip(names, shards):
                 fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
-                    _write_all(fd, _header_bytes([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors_]))
+                    header = _header_bytes([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors_])
+                    _write_all(fd, header)
                     for t in tensors_:
                         if t.file is None:
-                            copier.write_zeros(t.nbytes, fd)
+                            copier.skip_zeros(t.nbytes, fd)
                         else:
                             copier.copy(t.file, t.offset, t.nbytes, fd)
+                    os.ftruncate(fd, len(header) + sum(t.nbytes for t in tensors_))
                 finally:
                     os.close(fd)
         finally:
