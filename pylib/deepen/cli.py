@@ -37,15 +37,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
+    from deepen.checkpoint import expand, load_config
 
-    from deepen.checkpoint import expand
-    from deepen.models import resolve
-
-    src = resolve(args.src)
-    plan = plan_from_args(args, AutoConfig.from_pretrained(src).num_hidden_layers)
+    plan = plan_from_args(args, load_config(args.src)["num_hidden_layers"])
     print(plan)
-    out = expand(src, args.out, plan, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+    out = expand(args.src, args.out, plan, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                  allow_pickle=args.allow_pickle)
     print(f"wrote {out}")
     return 0
