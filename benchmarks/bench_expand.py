@@ -4,8 +4,9 @@ A random ~1.1B-parameter bf16 checkpoint with TinyLlama's shape (hidden 2048, 22
 intermediate 5632, vocab 32000, untied) is written as sharded safetensors (shards <= 1 GB) under a temporary
 folder, then copied with shutil.copytree and expanded with llama_pro(22, groups=11) -> 33 layers, in alternating
 order, twice each; the medians are compared. Each timing starts after os.sync() and ends after os.sync(), so
-that neither pays for the other's write-back and neither hides its own in the page cache. Each expansion runs in a fresh child process so that its peak
-resident memory (VmHWM) is the expansion's alone, not the generator's.
+that neither pays for the other's write-back and neither hides its own in the page cache. Each expansion runs
+in a fresh child process so that its peak resident memory (VmHWM) is the expansion's alone, not the
+generator's.
 
 Prints
     BENCH expand_time_over_copy <ratio> x                  goal <= 2

@@ -133,6 +133,16 @@ def test_tensors_are_byte_copies_and_zeros(bases, tmp_path):
         assert b.metadata() == {"format": "pt"}
 
 
+def test_without_kernel_copies(bases, tmp_path, monkeypatch):
+    def unsupported(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)  # e.g. an old kernel: copy through a buffer instead
+    src = bases["llama-tied-sharded"]
+    out = expand(src, tmp_path / "out", llama_pro(4, groups=2), max_shard_size="70KB", progress=False)
+    assert torch.equal(_logits(_load(out), IDS), _logits(_load(src), IDS))
+
+
 def test_mixed_dtypes_are_kept_per_tensor(bases, tmp_path):
     src = tmp_path / "mixed"
     shutil.copytree(bases["llama-bf16"], src)
@@ -161,7 +171,8 @@ def test_sharded_output_and_index(bases, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(out.glob("model-*.safetensors"))
     assert len(files) > 2 and not (out / "model.safetensors").exists()
-    assert [f.name for f in files] == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    count = len(files)
+    assert [f.name for f in files] == [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     assert index["weight_map"] == _weight_names(out)
     assert "lm_head.weight" not in index["weight_map"]  # tied: stays tied
     headers = [read_header(f)[0] for f in files]
@@ -229,6 +240,17 @@ def test_overwrite(bases, tmp_path):
     assert (out / "old.txt").exists()
     expand(bases["llama"], out, llama_pro(4, groups=2), overwrite=True, progress=False)
     assert not (out / "old.txt").exists() and (out / "expansion.json").exists()
+
+
+def test_corrupt_pickle_is_a_clear_error(bases, tmp_path):
+    src = tmp_path / "pickled"
+    src.mkdir()
+    shutil.copy(bases["llama"] / "config.json", src)
+    (src / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="cannot read .* weights-only"):
+        expand(src, out, llama_pro(4, groups=2), allow_pickle=True, progress=False)
+    _assert_clean(out)
 
 
 def test_pickle_refused_unless_allowed(bases, tmp_path):
@@ -373,6 +395,7 @@ def test_smollm2_llama_pro_is_exact(smollm2_model, smollm2_tokenizer, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
     grown = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert grown.config.num_hidden_layers == 36 and _tied(grown)
-    ids = smollm2_tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    text = "The capital of France is Paris, and the capital of Italy is"
+    ids = smollm2_tokenizer(text, return_tensors="pt").input_ids
     assert torch.equal(_logits(grown, ids), _logits(smollm2_model, ids))
     assert read_manifest(out)[1]["base"] == "smollm2"

@@ -245,11 +245,13 @@ def _convert_pickle(path: Path, out: Path, names: list[str] | None) -> Path:
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} as a weights-only PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"cannot read {path} as a weights-only PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -344,7 +346,12 @@ class _Copier:
     def _buffered_copy(self, fd: int, offset: int, n: int, out: int) -> int:
         if self.buffer is None:
             self.buffer = memoryview(bytearray(CHUNK))
-        done = os.preadv(fd, [self.buffer[:n]], offset)
+        if hasattr(os, "preadv"):
+            done = os.preadv(fd, [self.buffer[:n]], offset)
+        else:
+            data = os.pread(fd, n, offset)
+            done = len(data)
+            self.buffer[:done] = data
         _write_all(out, self.buffer[:done])
         return done
 
@@ -388,7 +395,8 @@ def expanded_tensors(tensors: dict[str, TensorInfo], plan: Plan) -> list[TensorI
             grown.append(TensorInfo(f"{LAYER_PREFIX}{i}.{suffix}", t.dtype, t.shape, None if zero else t.file,
                                     t.offset, t.nbytes))
         if spec.zero and zeroed != set(OUTPUT_PROJECTIONS):
-            missing = ", ".join(f"{LAYER_PREFIX}{spec.source}.{m}.weight" for m in OUTPUT_PROJECTIONS if m not in zeroed)
+            missing = ", ".join(f"{LAYER_PREFIX}{spec.source}.{m}.weight"
+                                for m in OUTPUT_PROJECTIONS if m not in zeroed)
             raise CheckpointError(f"layer {i} must have its output projections zeroed but the checkpoint has no "
                                   f"{missing}: its layers are not laid out like Llama's")
     return grown + after
