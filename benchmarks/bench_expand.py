@@ -3,7 +3,7 @@
 A random ~1.1B-parameter bf16 checkpoint with TinyLlama's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads,
 intermediate 5632, vocab 32000, untied) is written as sharded safetensors (shards <= 1 GB) under a temporary
 folder, then copied with shutil.copytree and expanded with llama_pro(22, groups=11) -> 33 layers, in alternating
-order, twice each; the medians are compared. Each timing starts after os.sync() and ends after os.sync(), so
+order, three times each; the medians are compared. Each timing starts after os.sync() and ends after os.sync(), so
 that neither pays for the other's write-back and neither hides its own in the page cache. Each expansion runs
 in a fresh child process so that its peak resident memory (VmHWM) is the expansion's alone, not the
 generator's.
@@ -160,7 +160,7 @@ def main() -> None:
               f"largest shard {max(shards) / GIB:.3f} GiB (generated in {time.perf_counter() - t:.1f} s)")
         warm_read(src)
         copies, expands = [], []
-        for order in (("copy", "expand"), ("expand", "copy")):
+        for order in (("copy", "expand"), ("expand", "copy"), ("copy", "expand")):
             for what in order:
                 if what == "copy":
                     copies.append(time_copy(src, root / "copy"))
