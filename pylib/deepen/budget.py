@@ -173,19 +173,15 @@ def shape_of(run: RunConfig) -> Shape:
     seq_len = run.data.seq_len
 
     def count(module: nn.Module) -> tuple[int, int, int, int]:
-        params = trainable = matmul = trainable_matmul = 0
-        for p in module.parameters():
-            params += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        for name, m in module.named_modules():
-            if isinstance(m, nn.Linear):
-                matmul += m.weight.numel()
-                trainable_matmul += m.weight.numel() if m.weight.requires_grad else 0
-                if run.method == "lora" and name.rsplit(".", 1)[-1] in run.lora.targets:
-                    adapter = lora_params(m, run.lora.r)
-                    params, trainable, matmul, trainable_matmul = (params + adapter, trainable + adapter,
-                                                                   matmul + adapter, trainable_matmul + adapter)
-        return params, trainable, matmul, trainable_matmul
+        """(parameters, trainable, matmul parameters, trainable matmul parameters), LoRA adapters included."""
+        params = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        linears = [(name.rsplit(".", 1)[-1], m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+        matmul = sum(m.weight.numel() for _, m in linears)
+        trainable_matmul = sum(m.weight.numel() for _, m in linears if m.weight.requires_grad)
+        adapters = sum(lora_params(m, run.lora.r) for name, m in linears
+                       if run.method == "lora" and name in run.lora.targets)
+        return params + adapters, trainable + adapters, matmul + adapters, trainable_matmul + adapters
 
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -198,7 +194,8 @@ def shape_of(run: RunConfig) -> Shape:
         stages.append(Stage(f"layer {i}", *count(layer), attention=attention))
     norm = model.model.norm.weight
     h_params = norm.numel() + (0 if tied else head.weight.numel())
-    h_train = (norm.numel() if norm.requires_grad else 0) + (0 if tied or not head.weight.requires_grad else head.weight.numel())
+    h_train = (norm.numel() if norm.requires_grad else 0) + (
+        head.weight.numel() if head.weight.requires_grad and not tied else 0)
     stages.append(Stage("head", h_params, h_train, head.weight.numel(),
                         head.weight.numel() if head.weight.requires_grad else 0))
     name = run.model if plan is None else f"{run.model} grown by {plan.describe().splitlines()[0]}"
@@ -449,10 +446,10 @@ def shape_cached(run: RunConfig) -> Shape:
 
 def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0, strategy: str = "fsdp",
            mfu: float = 0.4, tokens: float | None = None, gpu_tflops: float = H100_BF16_TFLOPS,
-           checkpointing: bool | None = None, method: str | None = None, micro_batch: int | None = None) -> Budget:
+           checkpointing: bool | None = None, method: str | None = None) -> Budget:
     """The budget of a run config (or the path of one) on `gpus` GPUs of `gpu_memory` GB each.
-    tokens: the token budget (default: the config's steps × global_batch × seq_len); checkpointing, method and
-    micro_batch default to the config's."""
+    tokens: the token budget (default: the config's steps × global_batch × seq_len); checkpointing and method
+    default to the config's."""
     if not isinstance(run, RunConfig):
         run = load_config(run)
     if method is not None:
@@ -461,7 +458,7 @@ def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0,
         raise ValueError(f"need gpus >= 1 and 0 < mfu <= 1; got gpus={gpus}, mfu={mfu}")
     t = run.train
     checkpointing = t.gradient_checkpointing if checkpointing is None else checkpointing
-    micro_batch = micro_batch or t.micro_batch
+    micro_batch = t.micro_batch
     shape = shape_cached(run)
     full = shape_cached(dataclasses.replace(run, method="full"))
     tokens = float(tokens if tokens is not None else t.steps * t.global_batch * run.data.seq_len)
@@ -553,7 +550,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mfu", type=float, default=0.4,
                         help="model FLOPs utilisation to assume: the share of peak the run reaches (default 0.4)")
     parser.add_argument("--gpu-tflops", type=float, default=H100_BF16_TFLOPS,
-                        help=f"peak dense bf16 TFLOP/s per GPU (default {H100_BF16_TFLOPS:g}: H100/H800 SXM; A100: 312)")
+                        help=f"dense bf16 peak TFLOP/s per GPU (default {H100_BF16_TFLOPS:g}: H100/H800; A100: 312)")
     parser.add_argument("--tokens", type=float,
                         help="token budget, e.g. 80e9 (default: the config's steps × global_batch × seq_len)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
