@@ -30,49 +30,32 @@ STRATEGIES = ("fsdp", "zero3", "ddp")
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100/H800 SXM (the paper's H800 has the same compute)
 USABLE = 0.9  # share of GPU memory a run may plan on: the rest is CUDA context, NCCL buffers and fragmentation
 
-# Model shapes from each model's published config.json: the budget needs shapes, never weights.
-SHAPES = {
-    "meta-llama/Llama-2-7b-hf": ("LlamaConfig", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)),
-    "mistralai/Mistral-7B-v0.1": ("MistralConfig", dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096,
-        tie_word_embeddings=False)),
-    "HuggingFaceTB/SmolLM2-135M": ("LlamaConfig", dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
-    # the tiny rung's base (deepen.llama's "tiny" shape, ~6.9M parameters): small for testing efficiency
-    "tiny-base": ("LlamaConfig", dict(
-        vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)),
-}
-ALIASES = {
-    "llama2-7b": "meta-llama/Llama-2-7b-hf",
-    "mistral-7b": "mistralai/Mistral-7B-v0.1",
-    "smollm2": "HuggingFaceTB/SmolLM2-135M",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
-    "huggingfacetb/smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M",
+# Names the budget knows offline -> deepen.llama.PRESETS (each model's published shape): shapes, never weights.
+PRESET_OF = {
+    "meta-llama/llama-2-7b-hf": "llama2-7b", "llama2-7b": "llama2-7b",
+    "mistralai/mistral-7b-v0.1": "mistral-7b", "mistral-7b": "mistral-7b",
+    "huggingfacetb/smollm2-135m": "smol", "huggingfacetb/smollm2-135m-instruct": "smol", "smollm2": "smol",
+    "smollm2-135m": "smol", "smol": "smol",
+    "tiny-base": "tiny", "tiny": "tiny",  # the tiny rung's base (small for testing efficiency)
 }
 
 
 def model_config(name: str):
     """The transformers config of `name`: a local folder's config.json, a known hub id or alias (offline, from
-    SHAPES), else the hub's config.json (online only)."""
+    deepen.llama.PRESETS), else the hub's config.json (online only)."""
     import transformers
+
+    from deepen.llama import PRESETS
 
     if Path(name, "config.json").is_file():
         return transformers.AutoConfig.from_pretrained(name)
-    key = {k.lower(): k for k in SHAPES}.get(ALIASES.get(name.lower(), name).lower())
-    if key is not None:
-        cls, kwargs = SHAPES[key]
-        return getattr(transformers, cls)(**kwargs)
+    if name.lower() in PRESET_OF:
+        return PRESETS[PRESET_OF[name.lower()]].to_hf()
     try:
         return transformers.AutoConfig.from_pretrained(name)
     except OSError:
-        raise ValueError(f"cannot find the shape of model {name!r} offline; known: {', '.join(SHAPES)} "
-                         f"(aliases {', '.join(ALIASES)}), or give a local folder with its config.json") from None
+        raise ValueError(f"cannot find the shape of model {name!r} offline; known: {', '.join(PRESET_OF)}, "
+                         f"or give a local folder with its config.json") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

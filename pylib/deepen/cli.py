@@ -1,4 +1,4 @@
-"""`deepen plan | expand | verify | demo` — thin wrappers over the library."""
+"""`deepen plan | expand | verify | budget | demo` — thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true", help="require an exact match even without a manifest")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
+
+    from deepen import budget
+
+    p = sub.add_parser("budget", help="parameters, FLOPs, memory per GPU and time for a run config, before any GPU")
+    budget.add_arguments(p)
+    p.set_defaults(func=budget.run)
 
     p = sub.add_parser("demo", help="the main story on the built-in offline defaults")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its models and results (default runs/demo)")
