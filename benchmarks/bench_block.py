@@ -32,9 +32,9 @@ def train_step(forward, ids: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (default: tiny)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per model (default: 12)")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per model (default: 16)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
     args = parser.parse_args()
 
