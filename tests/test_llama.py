@@ -195,6 +195,13 @@ def test_config_round_trip(name):
     assert Config.from_hf(config.to_hf()) == config
 
 
+def test_replace_keeps_head_dim_derived():
+    assert PRESETS["tiny"].replace(dim=512).head_dim == 128
+    assert PRESETS["tiny"].replace(n_heads=8, n_kv_heads=8).head_dim == 32
+    assert SMALL.replace(head_dim=24).replace(dim=128).head_dim == 24  # an explicit head_dim stays
+    assert PRESETS["tiny"].replace(n_layers=2).head_dim == 64
+
+
 def test_parameter_counts_on_meta_device():
     with torch.device("meta"):
         llama2, mistral = Llama(PRESETS["llama2-7b"]), Llama(PRESETS["mistral-7b"])

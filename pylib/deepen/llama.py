@@ -49,7 +49,10 @@ class Config:
         return self.dim
 
     def replace(self, **changes) -> Config:
-        """A copy with some fields changed, e.g. `PRESETS["tiny"].replace(n_layers=2)`."""
+        """A copy with some fields changed, e.g. `PRESETS["tiny"].replace(n_layers=2)`.
+        A head_dim that was dim // n_heads follows new dim or n_heads unless given."""
+        if {"dim", "n_heads"} & changes.keys() and self.head_dim == self.dim // self.n_heads:
+            changes.setdefault("head_dim", None)
         return dataclasses.replace(self, **changes)
 
     @classmethod
