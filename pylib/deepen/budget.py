@@ -24,6 +24,7 @@ from torch import nn
 
 from deepen import plan as plans
 from deepen.config import RunConfig, load_config
+from deepen.train import select_trainable  # one rule for what learns: the planner counts what training trains
 
 GB = 1e9  # decimal gigabytes, as GPU makers count them ("80 GB")
 STRATEGIES = ("fsdp", "zero3", "ddp")
@@ -127,18 +128,6 @@ def meta_model(run: RunConfig) -> tuple[nn.Module, plans.Plan | None, list[int]]
     if Path(run.model, MANIFEST).is_file():
         return model, None, read_manifest(run.model)[0].new_layers
     return model, None, []
-
-
-def select_trainable(model: nn.Module, method: str, new_layers: list[int], also_train: list[str] = ()) -> None:
-    """Set requires_grad by the method: `full` trains everything; `llama-pro` only the new layers; `lora` none of
-    the base (peft adds the adapters). Parameters whose name contains a part in `also_train` learn too."""
-    if method == "llama-pro" and not new_layers:
-        raise ValueError("method llama-pro trains only the layers a plan added: add a grow: section to the config "
-                         "or point model at a folder made by `deepen expand` (with expansion.json)")
-    prefixes = tuple(f"model.layers.{i}." for i in new_layers)
-    for name, p in model.named_parameters():
-        p.requires_grad_(method == "full" or method == "llama-pro" and name.startswith(prefixes)
-                         or any(part in name for part in also_train))
 
 
 def lora_params(linear: nn.Linear, r: int) -> int:

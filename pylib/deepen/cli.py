@@ -1,4 +1,4 @@
-"""`deepen plan | expand | verify | budget | demo` — thin wrappers over the library."""
+"""`deepen plan | expand | verify | train | eval | budget | demo` — thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -67,6 +67,47 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from deepen.config import load_config
+    from deepen.train import METRICS, train
+
+    overrides = list(args.overrides) + ([f"method={args.method}"] if args.method else [])
+    out = train(load_config(args.config, overrides))
+    evals = [r for r in map(json.loads, (out.parent / METRICS).read_text().splitlines()) if "ppl_general" in r]
+    if evals:
+        first, last = evals[0], evals[-1]
+        print(f"held-out perplexity, step {first['step']} -> {last['step']}: "
+              f"general {first['ppl_general']:.2f} -> {last['ppl_general']:.2f}, "
+              f"domain {first['ppl_domain']:.2f} -> {last['ppl_domain']:.2f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deepen.evaluate import evaluate
+    from deepen.train import model_path
+
+    path = model_path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype)).eval()
+    results = evaluate(model, AutoTokenizer.from_pretrained(path), args.data.split(","), args.seq_len, args.blocks,
+                       args.batch_size)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"{'corpus':<12} {'perplexity':>12} {'tokens':>10}")
+        for corpus, r in results.items():
+            print(f"{corpus:<12} {r['perplexity']:>12.2f} {r['tokens']:>10,}")
+    return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from deepen.demo import run
 
@@ -99,6 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true", help="require an exact match even without a manifest")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("train", help="continual pretraining of a run config (resumes from the out folder's checkpoint)")
+    p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--method", choices=("llama-pro", "full", "lora"),
+                   help="override the config's method: llama-pro (new blocks only), full, lora")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50 out=runs/x")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out perplexity of a model per corpus (general: forgetting, domain: gain)")
+    p.add_argument("model", help="model folder, hub id, smollm2 or tiny-base")
+    p.add_argument("--data", default="general,code", help="comma-separated corpora: built-ins, files or hub ids "
+                                                           "(default general,code)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--blocks", type=int, default=64, help="held-out blocks per corpus (default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward (default 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (default float32)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_eval)
 
     from deepen import budget
 

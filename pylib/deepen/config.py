@@ -58,7 +58,7 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     eval_every: int = 50
-    eval_batches: int = 8
+    eval_batches: int = 8  # held-out blocks per corpus: eval_batches × global_batch
     save_every: int = 100
     seed: int = 0
 

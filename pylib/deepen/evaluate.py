@@ -1,4 +1,5 @@
-"""Held-out perplexity: exp of the mean next-token loss over packed blocks, and the unigram baseline beside it."""
+"""Held-out perplexity: exp of the mean next-token loss over packed blocks, and the unigram baseline beside it;
+per corpus for a model (`deepen eval MODEL --data general,code`): general = forgetting, domain = gain."""
 
 from __future__ import annotations
 
@@ -30,3 +31,22 @@ def unigram_perplexity(train_blocks: torch.Tensor, heldout_blocks: torch.Tensor,
     counts = torch.bincount(train_blocks.flatten(), minlength=vocab_size).double() + 1
     log_p = counts.log() - counts.sum().log()
     return math.exp(-log_p[heldout_blocks[:, 1:].flatten()].mean().item())
+
+
+def heldout_blocks(corpus: str, tokenizer, seq_len: int, n_blocks: int | None = None,
+                   text_column: str = "text") -> torch.Tensor:
+    """The first `n_blocks` packed blocks (n, seq_len) of a corpus's held-out split (all of it when None)."""
+    from deepen.data import load_corpus, pack
+
+    dataset = load_corpus(corpus, "heldout", text_column=text_column)
+    return pack(dataset, tokenizer, seq_len, None if n_blocks is None else n_blocks * seq_len)
+
+
+def evaluate(model, tokenizer, corpora: list[str], seq_len: int = 256, n_blocks: int | None = 64,
+             batch_size: int = 8) -> dict[str, dict]:
+    """Held-out perplexity of `model` on each corpus: {corpus: {"perplexity", "tokens"}}."""
+    results = {}
+    for corpus in corpora:
+        blocks = heldout_blocks(corpus, tokenizer, seq_len, n_blocks)
+        results[corpus] = {"perplexity": perplexity(model, blocks, batch_size), "tokens": blocks[:, 1:].numel()}
+    return results

@@ -1,5 +1,13 @@
-"""Training: one loop (`train_steps`), and the tiny rung's base model — a small Llama pretrained from scratch
-on the built-in English text, cached so that every notebook and test starts from the same one (`tiny_base`)."""
+"""Training.
+
+- `train(config)`: continual pretraining of a run config (deepen.config) on accelerate — llama-pro (only the
+  manifest's new blocks learn), full, or lora (peft); gradient accumulation keeps the global batch whatever the
+  process count; periodic held-out perplexity on the general and the domain corpus; JSONL metrics; atomic
+  checkpoints; rerunning the same command resumes exactly. `deepen train --config configs/tiny-cpu.yaml`.
+- `select_trainable`: which parameters learn, by method (the budget planner counts with the same function).
+- `train_steps`: a plain loop over packed blocks, for notebooks; and the tiny rung's base model — a small Llama
+  pretrained from scratch on the built-in English text, cached so every notebook and test starts from the same
+  one (`tiny_base`)."""
 
 from __future__ import annotations
 
@@ -211,3 +219,241 @@ def tiny_base(config: str | os.PathLike | dict = TINY_BASE_CONFIG, threads: int 
 
     path = pretrain_tiny(config, threads=threads)
     return LlamaForCausalLM.from_pretrained(path).eval(), PreTrainedTokenizerFast.from_pretrained(path)
+
+
+# ---------------------------------------------------------------- continual pretraining of a run config
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+FINAL = "model"
+
+
+def select_trainable(model: torch.nn.Module, method: str, new_layers: list[int], also_train: list[str] = ()) -> None:
+    """Set requires_grad by the method: `full` trains everything; `llama-pro` only the new layers; `lora` only
+    the adapters peft added (names with `lora_`; none on a model without them). Parameters whose name contains
+    a part in `also_train` learn too (e.g. "embed_tokens", "norm")."""
+    if method == "llama-pro" and not new_layers:
+        raise ValueError("method llama-pro trains only the layers a plan added: add a grow: section to the config "
+                         "or point model at a folder made by `deepen expand` (with expansion.json)")
+    prefixes = tuple(f"model.layers.{i}." for i in new_layers)
+    for name, p in model.named_parameters():
+        p.requires_grad_(method == "full" or method == "llama-pro" and name.startswith(prefixes)
+                         or method == "lora" and "lora_" in name or any(part in name for part in also_train))
+
+
+def model_path(name: str) -> str:
+    """A model name of a run config as a folder or hub id: "tiny-base" is the cached tiny base (trained on first
+    use), "smollm2" the offline SmolLM2-135M; a folder or hub id stays as it is."""
+    from deepen.models import resolve
+
+    return str(pretrain_tiny(progress=False)) if name == "tiny-base" else resolve(name)
+
+
+def _load_model(config):
+    """(model, tokenizer, manifest or None): the run's model in fp32, grown by its plan if it has one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deepen.budget import grow_plan
+    from deepen.grow import grow
+    from deepen.output import MANIFEST, read_manifest
+
+    path = model_path(config.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    plan = grow_plan(config, model.config.num_hidden_layers)
+    if plan is not None:
+        model = grow(model, plan)
+        manifest = {"base": config.model, "plan": plan.to_dict(), "new_layers": plan.new_layers}
+    elif Path(path, MANIFEST).is_file():
+        manifest = read_manifest(path)[1]
+    else:
+        manifest = None
+    return model, tokenizer, manifest
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    done = sorted((out / CHECKPOINTS).glob("step-*[0-9]")) if (out / CHECKPOINTS).is_dir() else []
+    return done[-1] if done else None
+
+
+def _config_diff(a: dict, b: dict, where: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    diff = []
+    for k in keys:
+        key = f"{where}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            diff += _config_diff(a[k], b[k], key + ".")
+        elif a.get(k) != b.get(k):
+            diff.append(f"{key}: {a.get(k)!r} then, {b.get(k)!r} now")
+    return diff
+
+
+def train(config, *, progress: bool = True, callback=None) -> Path:
+    """Continual pretraining as `config` (a deepen.config.RunConfig) says; returns the final model folder.
+
+    Writes into `config.out`: config.yaml, metrics.jsonl (one record per step: loss, lr, tokens, tokens/s;
+    held-out perplexity on the general and the domain corpus at step 0, every `eval_every` steps and at the
+    end), checkpoints/step-N (weights as safetensors, optimizer, RNG, schedule and data position; written to a
+    temporary folder and renamed, only the last kept) and model/ (loadable by from_pretrained, with its
+    tokenizer and, for a grown model, expansion.json; a lora run is merged into the base weights).
+
+    Rerunning with the same out folder resumes from its last checkpoint: the same batches, the same state,
+    so on CPU the same losses as an uninterrupted run. callback(record, model) runs after each step's record
+    and checkpoint are written (tests stop a run there).
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from deepen.config import check
+    from deepen.data import load_corpus, pack
+    from deepen.evaluate import heldout_blocks, perplexity
+    from deepen.output import atomic_folder
+
+    config = check(config)
+    t, d = config.train, config.data
+    out = Path(config.out)
+    processes = PartialState().num_processes
+    if t.global_batch % (t.micro_batch * processes):
+        raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}"
+                         f" × {processes} processes; change train.micro_batch or the process count")
+    per_process = t.global_batch // processes
+    accumulation = per_process // t.micro_batch  # global batch = micro_batch × accumulation × processes
+    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no",
+                              gradient_accumulation_steps=accumulation)
+
+    if (out / FINAL / "config.json").is_file():
+        print(f"{out} holds a finished run; its model is {out / FINAL}")
+        return out / FINAL
+    saved_config = out / "config.yaml"
+    if saved_config.is_file():
+        diff = _config_diff(yaml.safe_load(saved_config.read_text()), config.to_dict())
+        if diff:
+            raise ValueError(f"{out} holds a run with another config ({'; '.join(diff)}); resume with the same "
+                             "config, or choose another out")
+
+    set_seed(t.seed)
+    model, tokenizer, manifest = _load_model(config)
+    new_layers = manifest["new_layers"] if manifest else []
+    if config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
+                                                 lora_dropout=config.lora.dropout, target_modules=config.lora.targets))
+    select_trainable(model, config.method, new_layers, config.also_train)  # before prepare: FSDP/ZeRO need it
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method {config.method} left no parameter to train; check also_train and lora.targets")
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    seq_len = d.seq_len
+    needed = t.steps * t.global_batch * seq_len
+    train_blocks = pack(load_corpus(d.domain, "train", text_column=d.text_column), tokenizer, seq_len,
+                        d.max_tokens or needed)  # (n_blocks, seq_len)
+    n_eval = t.eval_batches * t.global_batch  # the same held-out blocks whatever the micro-batch
+    heldout = {"general": heldout_blocks(d.general, tokenizer, seq_len, n_eval, d.text_column),
+               "domain": heldout_blocks(d.domain, tokenizer, seq_len, n_eval, d.text_column)}
+
+    optimizer = torch.optim.AdamW(  # frozen parameters are not in it: no AdamW state for them
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # norms' gains are not decayed
+        lr=t.lr, betas=(0.9, 0.95))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(t.warmup * t.steps), t.steps,
+                                                           min_lr_rate=t.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(schedule)  # stepped once per optimizer step, by us
+
+    start = 0
+    last = _last_checkpoint(out)
+    if last is not None:
+        accelerator.load_state(str(last))
+        start = json.loads((last / "state.json").read_text())["step"]
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        saved_config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        metrics = out / METRICS
+        kept = [line for line in (metrics.read_text().splitlines() if metrics.is_file() else [])
+                if json.loads(line)["step"] <= start]  # a killed run may have logged past its checkpoint
+        metrics.write_text("".join(line + "\n" for line in kept))
+    accelerator.wait_for_everyone()
+
+    def evaluate() -> dict:
+        with accelerator.autocast():
+            return {f"ppl_{name}": perplexity(model, blocks, t.micro_batch) for name, blocks in heldout.items()}
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with open(out / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(step: int) -> None:
+        tmp = out / CHECKPOINTS / f".step-{step:07d}.partial"
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": step * t.global_batch * seq_len}))
+            os.replace(tmp, out / CHECKPOINTS / f"step-{step:07d}")
+            for old in (out / CHECKPOINTS).glob("step-*"):
+                if old.name != f"step-{step:07d}":
+                    shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    if start == 0:
+        log({"step": 0, "tokens": 0, **evaluate()})
+    rank = accelerator.process_index
+    stream = batches(train_blocks, t.global_batch, t.steps, t.seed)  # the same global batches on every process
+    for _ in range(start):
+        next(stream)  # the data position of the checkpoint
+    model.train()
+    bar = tqdm(range(start + 1, t.steps + 1), initial=start, total=t.steps, desc=f"train {config.method}",
+               disable=not progress or not accelerator.is_main_process)
+    for step in bar:
+        began = time.perf_counter()
+        ids = next(stream)[rank * per_process:(rank + 1) * per_process].to(accelerator.device)  # (per_process, seq)
+        lr = schedule.get_last_lr()[0]
+        loss = torch.zeros((), device=accelerator.device)
+        for micro in ids.split(t.micro_batch):  # (micro_batch, seq)
+            with accelerator.accumulate(model):
+                micro_loss = model(input_ids=micro, labels=micro).loss  # labels shift inside: predict micro[:, 1:]
+                accelerator.backward(micro_loss)  # divided by the accumulation steps
+            loss += micro_loss.detach() / accumulation
+        loss = accelerator.reduce(loss, "mean").item()
+        if not math.isfinite(loss):
+            kept = _last_checkpoint(out)
+            raise FloatingPointError(
+                f"loss is {loss} at step {step}; stopped without saving. "
+                + (f"The last good checkpoint is {kept} (rerun to resume from it after lowering train.lr, now "
+                   f"{t.lr}, or using train.precision=fp32)." if kept else
+                   f"No checkpoint was saved yet; lower train.lr (now {t.lr}) or use train.precision=fp32."))
+        accelerator.clip_grad_norm_(params, t.clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - began
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": step * t.global_batch * seq_len,
+                  "tokens_per_s": t.global_batch * seq_len / seconds}
+        if step % t.eval_every == 0 or step == t.steps:
+            record.update(evaluate())
+            model.train()
+        log(record)
+        if step % t.save_every == 0 and step < t.steps:
+            save(step)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if callback is not None:
+            callback(record, model)
+
+    model.eval()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if config.method == "lora":
+            final = final.merge_and_unload()  # a plain model: the adapters added into the base weights
+        final.config.use_cache = True
+        with atomic_folder(out / FINAL, overwrite=True) as tmp:
+            final.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if manifest is not None:
+                (tmp / "expansion.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out / FINAL

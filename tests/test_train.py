@@ -1,0 +1,184 @@
+"""deepen.train.train: which parameters learn per method, resume exactness, NaN stop, the global batch, configs,
+and the `deepen train` / `deepen eval` commands. Small for testing efficiency: a 4-layer Llama of width 32 grown
+to 6 layers, sequences of 32 tokens, a handful of steps."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deepen.cli import main
+from deepen.config import load_config
+from deepen.data import tiny_tokenizer
+from deepen.grow import grow
+from deepen.plan import llama_pro
+from deepen.train import CHECKPOINTS, METRICS, train
+
+GROW = "grow={method: llama-pro, groups: 2}"  # 4 -> 6 layers; new: 2 and 5
+NEW = llama_pro(4, groups=2).new_layers
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    tiny_tokenizer(4096).save_pretrained(path)
+    return path
+
+
+def config(base, out, *overrides):
+    return load_config(None, [f"model={base}", GROW, "data.seq_len=32", "train.steps=4", "train.global_batch=4",
+                              "train.micro_batch=2", "train.lr=1e-2", "train.warmup=0.25", "train.eval_every=2",
+                              "train.eval_batches=1", "train.save_every=2", f"out={out}", *overrides])
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in Path(out, METRICS).read_text().splitlines()]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder, "model.safetensors"))
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(step):
+    def callback(record, model):
+        if record["step"] == step:
+            raise Stop
+    return callback
+
+
+def test_llama_pro_trains_only_the_new_blocks(base, tmp_path):
+    grown = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2)).state_dict()
+    with pytest.raises(Stop):  # stop after the step-2 checkpoint, to look at its optimizer state
+        train(config(base, tmp_path / "run"), progress=False, callback=stop_at(2))
+    state = torch.load(tmp_path / "run" / CHECKPOINTS / "step-0000002" / "optimizer.bin", weights_only=True)["state"]
+    new_params = sum(p.numel() for n, p in grown.items() if n.startswith(tuple(f"model.layers.{i}." for i in NEW)))
+    assert sum(s["exp_avg"].numel() for s in state.values()) == new_params > 0  # AdamW state for the new only
+
+    out = train(config(base, tmp_path / "run"), progress=False)  # resumes and finishes
+    trained = weights(out)
+    for name, before in grown.items():
+        if name == "lm_head.weight":
+            continue  # tied to the embeddings: saved once
+        new = name.startswith(tuple(f"model.layers.{i}." for i in NEW))
+        assert torch.equal(trained[name], before) != new, name  # the rest bit-identical; every new tensor moved
+    assert json.loads(Path(out, "expansion.json").read_text())["new_layers"] == NEW
+    assert LlamaForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
+
+
+def test_blocks_below_the_first_new_block_do_no_backward(base, tmp_path):
+    needs_grad = {}
+
+    def hook(layer, args, out):
+        needs_grad.setdefault(layer.self_attn.layer_idx, out.requires_grad)  # the first forward after step 1
+
+    def callback(record, model):
+        if record["step"] == 1:
+            for layer in model.model.layers:
+                layer.register_forward_hook(hook)
+
+    train(config(base, tmp_path / "run", "train.steps=2"), progress=False, callback=callback)
+    assert needs_grad == {i: i >= NEW[0] for i in range(6)}  # no graph below block 2: no backward there
+
+
+def test_full_changes_every_parameter(base, tmp_path):
+    out = train(config(base, tmp_path / "run", "method=full", "train.steps=2"), progress=False)
+    grown = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2)).state_dict()
+    trained = weights(out)
+    assert all(not torch.equal(trained[n], p) for n, p in grown.items() if n != "lm_head.weight")
+
+
+def test_lora_trains_the_adapters_and_saves_a_merged_model(base, tmp_path):
+    seen = {}
+
+    def callback(record, model):
+        seen["trainable"] = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+    out = train(config(base, tmp_path / "run", "method=lora", "lora.r=4", "lora.targets=[q_proj, down_proj]",
+                       "train.steps=2"), progress=False, callback=callback)
+    per_layer = 4 * (32 + 32) + 4 * (64 + 32)  # r · (in + out) for q_proj (32 -> 32) and down_proj (64 -> 32)
+    assert sum(seen["trainable"].values()) == 6 * per_layer
+    assert all("lora_" in n for n in seen["trainable"])
+    trained = weights(out)
+    assert not any("lora" in n for n in trained)  # merged into the base weights
+    grown = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2)).state_dict()
+    changed = {n for n, p in grown.items() if n in trained and not torch.equal(trained[n], p)}
+    assert changed and all(n.endswith(("q_proj.weight", "down_proj.weight")) for n in changed)
+
+
+def test_an_interrupted_run_resumes_exactly(base, tmp_path):
+    whole = train(config(base, tmp_path / "whole", "train.steps=6"), progress=False)
+    with pytest.raises(Stop):  # killed after step 3, which was logged but not checkpointed (last: step 2)
+        train(config(base, tmp_path / "cut", "train.steps=6"), progress=False, callback=stop_at(3))
+    assert [r["step"] for r in records(tmp_path / "cut")] == [0, 1, 2, 3]
+    resumed = train(config(base, tmp_path / "cut", "train.steps=6"), progress=False)
+
+    def curve(out):
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("ppl_general"), r.get("ppl_domain")) for r in records(out)]
+
+    assert curve(tmp_path / "cut") == curve(tmp_path / "whole")  # exactly: the same floats
+    assert [r["step"] for r in records(tmp_path / "cut")] == list(range(7))
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert train(config(base, tmp_path / "cut", "train.steps=6"), progress=False) == resumed  # done: no work
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
+    def poison(record, model):
+        if record["step"] == 3:
+            with torch.no_grad():
+                model.model.layers[NEW[0]].mlp.down_proj.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 4.*step-0000002"):
+        train(config(base, tmp_path / "run", "train.steps=6"), progress=False, callback=poison)
+    assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINTS).iterdir()) == ["step-0000002"]
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_the_global_batch_does_not_depend_on_the_micro_batch(base, tmp_path):
+    a = records(train(config(base, tmp_path / "a", "train.micro_batch=1", "train.steps=3"), progress=False).parent)
+    b = records(train(config(base, tmp_path / "b", "train.micro_batch=4", "train.steps=3"), progress=False).parent)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    for x, y in zip(a[1:], b[1:]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["lr"] == y["lr"]
+    assert a[-1]["ppl_domain"] == pytest.approx(b[-1]["ppl_domain"], rel=1e-4)
+
+
+def test_bad_configs_fail_before_any_work_naming_the_key(base, tmp_path):
+    with pytest.raises(ValueError, match="train.global_batch=4 is not a multiple of train.micro_batch=3"):
+        config(base, tmp_path / "run", "train.micro_batch=3")
+    with pytest.raises(ValueError, match="unknown key 'train.stepz'"):
+        config(base, tmp_path / "run", "train.stepz=3")
+    with pytest.raises(ValueError, match="method llama-pro trains only the layers a plan added"):
+        train(load_config(None, [f"model={base}", f"out={tmp_path / 'run'}"]), progress=False)
+    with pytest.raises(Stop):
+        train(config(base, tmp_path / "run"), progress=False, callback=stop_at(1))
+    with pytest.raises(ValueError, match=r"another config \(train.lr: 0.01 then, 0.001 now\)"):
+        train(config(base, tmp_path / "run", "train.lr=1e-3"), progress=False)
+
+
+def test_cli_train_and_eval(base, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {base}\ngrow: {{method: llama-pro, groups: 2}}\ndata: {{seq_len: 32}}\n"
+                    "train: {steps: 2, global_batch: 2, micro_batch: 2, eval_every: 2, eval_batches: 1}\n")
+    assert main(["train", "--config", str(path), f"out={tmp_path / 'run'}", "--method", "full"]) == 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"] == "full"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "model"), "--data", "general,code", "--seq-len", "32",
+                 "--blocks", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"general", "code"} and all(r["perplexity"] > 1 and r["tokens"] == 62 for r in result.values())
+    assert main(["train", "--config", str(path), "train.micro_batch=3"]) == 2
+    assert "train.micro_batch=3" in capsys.readouterr().err
