@@ -182,3 +182,12 @@ def test_cli_train_and_eval(base, tmp_path, capsys):
     assert set(result) == {"general", "code"} and all(r["perplexity"] > 1 and r["tokens"] == 62 for r in result.values())
     assert main(["train", "--config", str(path), "train.micro_batch=3"]) == 2
     assert "train.micro_batch=3" in capsys.readouterr().err
+
+
+def test_tiny_cpu_preset_grows_the_tiny_base_by_two_blocks():
+    from deepen.budget import grow_plan
+
+    run = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    plan = grow_plan(run, 8)  # the tiny base has 8 layers (configs/tiny-base.yaml)
+    assert (run.model, run.method, plan.n_layers, plan.new_layers) == ("tiny-base", "llama-pro", 10, [4, 9])
+    assert run.train.steps * run.train.global_batch * run.data.seq_len <= 200_000  # about a minute on one core

@@ -1,0 +1,137 @@
+"""Training speed and peak memory of LLaMA Pro (only the new blocks learn) against full training of the same
+grown model: deepen.llama.PRESETS["tiny"] (8 layers, dim 256) grown by llama_pro(groups=2) to 10 layers, 2 new.
+
+Speed: one process, the two set-ups interleaved step by step (separate processes drift by up to 30% on a small
+CPU), each step the one deepen.train runs — forward + loss + backward, clip, AdamW over the trainable
+parameters — median of the timed steps after warmup. The FLOP model's prediction (deepen.budget) is printed
+beside it.
+Memory: each method in its own child process (so their allocations do not mix): the peak resident memory
+(VmHWM) while training, minus the resident memory of the loaded model just before — gradients, AdamW state and
+activations, which is what the method changes.
+
+Prints `BENCH be_vs_full_train_speed <llama-pro / full tokens/s> x` and `BENCH be_vs_full_peak_memory
+<llama-pro / full> x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from deepen.grow import grow  # noqa: E402
+from deepen.llama import PRESETS  # noqa: E402
+from deepen.plan import llama_pro  # noqa: E402
+from deepen.train import select_trainable  # noqa: E402
+
+METHODS = ("llama-pro", "full")
+
+
+def setup(method: str, seed: int = 0):
+    """(model, trainable parameters, optimizer) for one method on the grown tiny model, as deepen.train sets it up."""
+    torch.manual_seed(seed)
+    config = PRESETS["tiny"].to_hf()
+    plan = llama_pro(config.num_hidden_layers, groups=2)
+    model = grow(LlamaForCausalLM(config), plan).train()
+    model.config.use_cache = False
+    select_trainable(model, method, plan.new_layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+
+
+def step(model, params, optimizer, ids: torch.Tensor) -> float:
+    """Seconds for one optimizer step: forward + loss + backward, clip, AdamW."""
+    start = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def rss(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def child(method: str, batch: int, seq: int, steps: int) -> None:
+    """Run `steps` training steps of `method`; print JSON: resident memory before, peak while training."""
+    model, params, optimizer = setup(method)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    before = rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM, the peak: from here on it is the peak while training
+    for _ in range(steps):
+        step(model, params, optimizer, ids)
+    print(json.dumps({"before": before, "peak": rss("VmHWM")}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (default: 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a 2-core machine more threads than free cores make "
+                             "OpenMP wait, and timings swing 3-10x)")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return child(args.child, args.batch, args.seq, args.warmup)
+
+    from deepen import budget
+    from deepen.config import load_config
+
+    runs = {method: setup(method) for method in METHODS}
+    vocab = runs["full"][0].config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    total = sum(p.numel() for p in runs["full"][0].parameters())
+    trainable = sum(p.numel() for p in runs["llama-pro"][1])
+    print(f"tiny preset grown 8 -> 10 layers (new: {llama_pro(8, groups=2).new_layers}): {total / 1e6:.1f}M params, "
+          f"{trainable / 1e6:.2f}M trainable with llama-pro; batch {args.batch}x{args.seq}, {args.threads} thread(s), "
+          f"torch {torch.__version__}")
+    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    for i in range(args.warmup + args.steps):
+        for method in METHODS if i % 2 == 0 else METHODS[::-1]:  # alternate who goes first
+            seconds = step(*runs[method], ids)
+            if i >= args.warmup:
+                times[method].append(seconds)
+    tokens = args.batch * args.seq
+    speed = {method: tokens / statistics.median(t) for method, t in times.items()}
+    for method in METHODS:
+        print(f"{method:>9}: {speed[method]:,.0f} tokens/s (median of {args.steps} steps)")
+    run = load_config(None, ["model=tiny", "grow={method: llama-pro, groups: 2}", f"data.seq_len={args.seq}"])
+    predicted = budget.budget(run).speedup
+    print(f"FLOP model (deepen.budget, blocks below the first new one do no backward): predicted {predicted:.2f}x")
+    print(f"BENCH be_vs_full_train_speed {speed['llama-pro'] / speed['full']:.2f} x")
+    del runs
+
+    memory = {}
+    for method in METHODS:
+        done = subprocess.run([sys.executable, __file__, "--child", method, "--batch", str(args.batch), "--seq",
+                               str(args.seq), "--warmup", str(args.warmup), "--threads", str(args.threads)],
+                              capture_output=True, text=True, check=True)
+        memory[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    extra = {m: r["peak"] - r["before"] for m, r in memory.items()}
+    print("peak resident memory while training, each method in its own process: " + ", ".join(
+        f"{m} {r['peak'] / 2**20:.0f} MiB (model loaded: {r['before'] / 2**20:.0f} MiB, training adds "
+        f"{extra[m] / 2**20:.0f} MiB)" for m, r in memory.items())
+        + "; the ratio is of what training adds: gradients, AdamW state and activations")
+    print(f"BENCH be_vs_full_peak_memory {extra['llama-pro'] / extra['full']:.2f} x")
+
+
+if __name__ == "__main__":
+    main()
