@@ -47,7 +47,8 @@ def max_diff(a, b) -> float:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_match_transformers(variant):
     hf = random_hf(VARIANTS[variant])
-    assert type(hf) is {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[variant.split("-")[0]]
+    family = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+    assert type(hf) is family[variant.split("-")[0]]
     ours = Llama.from_hf(hf)
     ids = torch.randint(0, SMALL.vocab_size, (2, 17))
     with torch.no_grad():
@@ -179,7 +180,8 @@ def test_attention_and_block_match_transformers():
     x = torch.randn(2, 9, SMALL.dim)
     cos, sin = rope(torch.arange(9), SMALL.head_dim, SMALL.rope_theta)
     ours, theirs = _layer_pair(Attention, lambda c: hf_llama.LlamaAttention(c, layer_idx=0))
-    assert max_diff(ours(x, cos, sin), theirs(x, position_embeddings=(cos[None], sin[None]), attention_mask=None)[0]) <= 1e-6
+    theirs_out = theirs(x, position_embeddings=(cos[None], sin[None]), attention_mask=None)[0]
+    assert max_diff(ours(x, cos, sin), theirs_out) <= 1e-6
     ours, theirs = _layer_pair(Block, lambda c: hf_llama.LlamaDecoderLayer(c, layer_idx=0))
     with torch.no_grad():
         ours.attn_norm.weight.normal_()
@@ -216,9 +218,9 @@ def test_unsupported_models_are_refused_clearly():
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16))
     with pytest.raises(ValueError, match="model_type 'qwen3' is not supported"):
         Llama.from_hf(qwen3)
-    llama3_rope = SMALL.to_hf().to_dict() | {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 32}}
+    llama3_rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    llama3_rope = SMALL.to_hf().to_dict() | {"rope_parameters": llama3_rope}
     with pytest.raises(ValueError, match="rope_type='llama3'"):
         Config.from_hf(LlamaConfig(**llama3_rope))
     with pytest.raises(ValueError, match="o_proj bias"):

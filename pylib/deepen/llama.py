@@ -62,16 +62,17 @@ class Config:
         if c.model_type not in SUPPORTED:
             raise ValueError(
                 f"model_type {c.model_type!r} is not supported: deepen.llama implements the plain Llama block "
-                f"(RMSNorm → attention → RMSNorm → SwiGLU) found in {', '.join(SUPPORTED)}. Models with q/k norms, "
-                "extra norms or other changes (e.g. qwen3, gemma, olmo2) compute something else; use the "
-                "transformers model for those."
+                f"(RMSNorm → attention → RMSNorm → SwiGLU) found in {', '.join(SUPPORTED)}. "
+                "Models with q/k norms, extra norms or other changes (e.g. qwen3, gemma, olmo2) compute something "
+                "else; use the transformers model for those."
             )
         rope = getattr(c, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
         layer_types = set(getattr(c, "layer_types", None) or [])  # Qwen2 lists each layer's attention kind
         problems = [
             f"hidden_act={c.hidden_act!r} (needs 'silu')" if c.hidden_act != "silu" else "",
             "mlp_bias=True" if getattr(c, "mlp_bias", False) else "",
-            f"rope_type={rope.get('rope_type')!r} (needs 'default')" if rope.get("rope_type", "default") != "default" else "",
+            f"rope_type={rope_type!r} (needs 'default')" if rope_type != "default" else "",
             "attention_bias=True on Llama (o_proj bias)" if c.model_type == "llama" and c.attention_bias else "",
             "a mix of sliding-window and full-attention layers" if len(layer_types) > 1 else "",
         ]
