@@ -191,3 +191,15 @@ def test_tiny_cpu_preset_grows_the_tiny_base_by_two_blocks():
     plan = grow_plan(run, 8)  # the tiny base has 8 layers (configs/tiny-base.yaml)
     assert (run.model, run.method, plan.n_layers, plan.new_layers) == ("tiny-base", "llama-pro", 10, [4, 9])
     assert run.train.steps * run.train.global_batch * run.data.seq_len <= 200_000  # about a minute on one core
+
+
+def test_gradient_checkpointing_and_bf16(base, tmp_path):
+    plain = records(train(config(base, tmp_path / "plain", "train.steps=2"), progress=False).parent)
+    checkpointed = records(train(config(base, tmp_path / "ckpt", "train.steps=2", "train.gradient_checkpointing=true"),
+                                 progress=False).parent)
+    # use_reentrant=False: the new blocks get their gradients although their inputs need none
+    assert [r["loss"] for r in checkpointed[1:]] == pytest.approx([r["loss"] for r in plain[1:]], rel=1e-5)
+    assert checkpointed[-1]["ppl_domain"] == pytest.approx(plain[-1]["ppl_domain"], rel=1e-4)
+    half = records(train(config(base, tmp_path / "bf16", "train.steps=2", "train.precision=bf16"), progress=False).parent)
+    assert [r["loss"] for r in half[1:]] == pytest.approx([r["loss"] for r in plain[1:]], rel=2e-2)
+    assert [r["loss"] for r in half[1:]] != [r["loss"] for r in plain[1:]]  # autocast did run in bf16

@@ -271,6 +271,21 @@ def _load_model(config):
     return model, tokenizer, manifest
 
 
+_PACKED: dict[tuple, torch.Tensor] = {}
+
+
+def packed(corpus: str, split: str, tokenizer, seq_len: int, max_tokens: int | None, text_column: str = "text"):
+    """Packed blocks (n, seq_len) of a corpus split, the first `max_tokens`; kept in memory for the next run in
+    this process (a notebook comparing methods packs each corpus once). Keyed by the corpus name, so a local
+    file edited between runs is read again only in a new process."""
+    from deepen.data import load_corpus, pack
+
+    key = (corpus, split, tokenizer.name_or_path, len(tokenizer), seq_len, max_tokens, text_column)
+    if key not in _PACKED:
+        _PACKED[key] = pack(load_corpus(corpus, split, text_column=text_column), tokenizer, seq_len, max_tokens)
+    return _PACKED[key]
+
+
 def _last_checkpoint(out: Path) -> Path | None:
     done = sorted((out / CHECKPOINTS).glob("step-*[0-9]")) if (out / CHECKPOINTS).is_dir() else []
     return done[-1] if done else None
@@ -302,12 +317,12 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     and checkpoint are written (tests stop a run there).
     """
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from deepen.config import check
-    from deepen.data import load_corpus, pack
-    from deepen.evaluate import heldout_blocks, perplexity
+    from deepen.evaluate import perplexity
     from deepen.output import atomic_folder
 
     config = check(config)
@@ -319,6 +334,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
                          f" × {processes} processes; change train.micro_batch or the process count")
     per_process = t.global_batch // processes
     accumulation = per_process // t.micro_batch  # global batch = micro_batch × accumulation × processes
+    AcceleratorState._reset_state()  # a singleton: another run in this process may use another precision
     accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no",
                               gradient_accumulation_steps=accumulation)
 
@@ -350,11 +366,10 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
 
     seq_len = d.seq_len
     needed = t.steps * t.global_batch * seq_len
-    train_blocks = pack(load_corpus(d.domain, "train", text_column=d.text_column), tokenizer, seq_len,
-                        d.max_tokens or needed)  # (n_blocks, seq_len)
+    train_blocks = packed(d.domain, "train", tokenizer, seq_len, d.max_tokens or needed, d.text_column)
     n_eval = t.eval_batches * t.global_batch  # the same held-out blocks whatever the micro-batch
-    heldout = {"general": heldout_blocks(d.general, tokenizer, seq_len, n_eval, d.text_column),
-               "domain": heldout_blocks(d.domain, tokenizer, seq_len, n_eval, d.text_column)}
+    heldout = {name: packed(corpus, "heldout", tokenizer, seq_len, n_eval * seq_len, d.text_column)
+               for name, corpus in (("general", d.general), ("domain", d.domain))}
 
     optimizer = torch.optim.AdamW(  # frozen parameters are not in it: no AdamW state for them
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
