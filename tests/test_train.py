@@ -203,3 +203,22 @@ def test_gradient_checkpointing_and_bf16(base, tmp_path):
     half = records(train(config(base, tmp_path / "bf16", "train.steps=2", "train.precision=bf16"), progress=False).parent)
     assert [r["loss"] for r in half[1:]] == pytest.approx([r["loss"] for r in plain[1:]], rel=2e-2)
     assert [r["loss"] for r in half[1:]] != [r["loss"] for r in plain[1:]]  # autocast did run in bf16
+
+
+@pytest.mark.slow
+def test_two_processes_keep_the_global_batch(base, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each does half the global batch; the same losses as one process."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {base}\ngrow: {{method: llama-pro, groups: 2}}\ndata: {{seq_len: 32}}\n"
+                    "train: {steps: 3, global_batch: 4, micro_batch: 1, lr: 1.0e-2, eval_every: 3, eval_batches: 1}\n")
+    one = records(train(load_config(path, [f"out={tmp_path / 'one'}"]), progress=False).parent)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "deepen", "train", "--config", str(path),
+                    f"out={tmp_path / 'two'}"], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = records(tmp_path / "two")
+    assert [r["step"] for r in two] == [0, 1, 2, 3]
+    assert [r["loss"] for r in two[1:]] == pytest.approx([r["loss"] for r in one[1:]], rel=1e-5)

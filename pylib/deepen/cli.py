@@ -71,8 +71,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from deepen.config import load_config
     from deepen.train import METRICS, train
 
+    from accelerate import PartialState
+
     overrides = list(args.overrides) + ([f"method={args.method}"] if args.method else [])
     out = train(load_config(args.config, overrides))
+    if not PartialState().is_main_process:
+        return 0  # under torchrun / accelerate launch: one report
     evals = [r for r in map(json.loads, (out.parent / METRICS).read_text().splitlines()) if "ppl_general" in r]
     if evals:
         first, last = evals[0], evals[-1]

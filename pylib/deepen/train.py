@@ -328,7 +328,8 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     config = check(config)
     t, d = config.train, config.data
     out = Path(config.out)
-    processes = PartialState().num_processes
+    cpu = not torch.accelerator.is_available()  # on CPU, accelerate joins the processes of torchrun only if told
+    processes = PartialState(cpu=cpu).num_processes
     if t.global_batch % (t.micro_batch * processes):
         raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}"
                          f" × {processes} processes; change train.micro_batch or the process count")
@@ -336,7 +337,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     accumulation = per_process // t.micro_batch  # global batch = micro_batch × accumulation × processes
     AcceleratorState._reset_state()  # a singleton: another run in this process may use another precision
     accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no",
-                              gradient_accumulation_steps=accumulation)
+                              gradient_accumulation_steps=accumulation, cpu=cpu)
 
     if (out / FINAL / "config.json").is_file():
         print(f"{out} holds a finished run; its model is {out / FINAL}")
