@@ -162,6 +162,11 @@ def test_bad_configs_fail_before_any_work_naming_the_key(base, tmp_path):
         config(base, tmp_path / "run", "train.stepz=3")
     with pytest.raises(ValueError, match="method llama-pro trains only the layers a plan added"):
         train(load_config(None, [f"model={base}", f"out={tmp_path / 'run'}"]), progress=False)
+    with pytest.raises(FileNotFoundError, match="data.domain='no-such-corpus'"):
+        train(config(base, tmp_path / "run", "data.domain=no-such-corpus"), progress=False)
+    with pytest.raises(ValueError, match="model='no-such-model'"):
+        train(config(base, tmp_path / "run", "model=no-such-model"), progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written
     with pytest.raises(Stop):
         train(config(base, tmp_path / "run"), progress=False, callback=stop_at(1))
     with pytest.raises(ValueError, match=r"another config \(train.lr: 0.01 then, 0.001 now\)"):

@@ -249,17 +249,15 @@ def model_path(name: str) -> str:
     return str(pretrain_tiny(progress=False)) if name == "tiny-base" else resolve(name)
 
 
-def _load_model(config):
-    """(model, tokenizer, manifest or None): the run's model in fp32, grown by its plan if it has one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_model(config, path: str):
+    """(model, manifest or None): the run's model in fp32, grown by its plan if it has one."""
+    from transformers import AutoModelForCausalLM
 
     from deepen.budget import grow_plan
     from deepen.grow import grow
     from deepen.output import MANIFEST, read_manifest
 
-    path = model_path(config.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     plan = grow_plan(config, model.config.num_hidden_layers)
     if plan is not None:
         model = grow(model, plan)
@@ -268,7 +266,7 @@ def _load_model(config):
         manifest = read_manifest(path)[1]
     else:
         manifest = None
-    return model, tokenizer, manifest
+    return model, manifest
 
 
 _PACKED: dict[tuple, torch.Tensor] = {}
@@ -319,7 +317,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
     from deepen.config import check
     from deepen.evaluate import perplexity
@@ -349,8 +347,26 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
             raise ValueError(f"{out} holds a run with another config ({'; '.join(diff)}); resume with the same "
                              "config, or choose another out")
 
+    path = model_path(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ValueError(f"model={config.model!r}: {e}") from None
+
+    def blocks(key: str, split: str, max_tokens: int) -> torch.Tensor:  # (n_blocks, seq_len)
+        corpus = getattr(d, key)
+        try:
+            return packed(corpus, split, tokenizer, d.seq_len, max_tokens, d.text_column)
+        except (FileNotFoundError, RuntimeError, ValueError) as e:
+            raise type(e)(f"data.{key}={corpus!r}: {e}") from None
+
+    seq_len = d.seq_len
+    train_blocks = blocks("domain", "train", d.max_tokens or t.steps * t.global_batch * seq_len)
+    n_eval = t.eval_batches * t.global_batch  # the same held-out blocks whatever the micro-batch
+    heldout = {key: blocks(key, "heldout", n_eval * seq_len) for key in ("general", "domain")}
+
     set_seed(t.seed)
-    model, tokenizer, manifest = _load_model(config)
+    model, manifest = _load_model(config, path)
     new_layers = manifest["new_layers"] if manifest else []
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -364,13 +380,6 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    seq_len = d.seq_len
-    needed = t.steps * t.global_batch * seq_len
-    train_blocks = packed(d.domain, "train", tokenizer, seq_len, d.max_tokens or needed, d.text_column)
-    n_eval = t.eval_batches * t.global_batch  # the same held-out blocks whatever the micro-batch
-    heldout = {name: packed(corpus, "heldout", tokenizer, seq_len, n_eval * seq_len, d.text_column)
-               for name, corpus in (("general", d.general), ("domain", d.domain))}
 
     optimizer = torch.optim.AdamW(  # frozen parameters are not in it: no AdamW state for them
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
