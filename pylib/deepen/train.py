@@ -388,6 +388,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(t.warmup * t.steps), t.steps,
                                                            min_lr_rate=t.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
     accelerator.register_for_checkpointing(schedule)  # stepped once per optimizer step, by us
 
     start = 0
@@ -469,13 +470,14 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
             callback(record, model)
 
     model.eval()
+    state = accelerator.get_state_dict(model)  # every process takes part: FSDP and ZeRO-3 gather the shards
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if config.method == "lora":
-            final = final.merge_and_unload()  # a plain model: the adapters added into the base weights
+            final, state = final.merge_and_unload(), None  # a plain model: the adapters added into the base weights
         final.config.use_cache = True
         with atomic_folder(out / FINAL, overwrite=True) as tmp:
-            final.save_pretrained(tmp)
+            final.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
             if manifest is not None:
                 (tmp / "expansion.json").write_text(json.dumps(manifest, indent=2) + "\n")
