@@ -65,6 +65,8 @@ def main() -> None:
     speed = {name: tokens / statistics.median(t) for name, t in times.items()}
     for name, tps in speed.items():
         print(f"{name}: {tps:,.0f} training tokens/s (median of {len(times[name])} steps)")
+    paired = statistics.median(h / o for o, h in zip(times["ours"], times["hf"]))  # both saw the same machine load
+    print(f"median of the per-step ratios (robust to other load on the machine): {paired:.3f}")
     print(f"BENCH block_vs_hf_train_speed {speed['ours'] / speed['hf']:.3f} x")
 
 
