@@ -34,9 +34,9 @@ def base(tmp_path_factory):
 
 
 def config(base, out, *overrides):
-    return load_config(None, [f"model={base}", GROW, "data.seq_len=32", "train.steps=4", "train.global_batch=4",
-                              "train.micro_batch=2", "train.lr=1e-2", "train.warmup=0.25", "train.eval_every=2",
-                              "train.eval_batches=1", "train.save_every=2", f"out={out}", *overrides])
+    return load_config(None, [f"model={base}", GROW, "data.seq_len=32", "data.max_tokens=4096", "train.steps=4",
+                              "train.global_batch=4", "train.micro_batch=2", "train.lr=1e-2", "train.warmup=0.25",
+                              "train.eval_every=2", "train.eval_batches=1", "train.save_every=2", f"out={out}", *overrides])
 
 
 def records(out) -> list[dict]:
@@ -175,7 +175,7 @@ def test_bad_configs_fail_before_any_work_naming_the_key(base, tmp_path):
 
 def test_cli_train_and_eval(base, tmp_path, capsys):
     path = tmp_path / "run.yaml"
-    path.write_text(f"model: {base}\ngrow: {{method: llama-pro, groups: 2}}\ndata: {{seq_len: 32}}\n"
+    path.write_text(f"model: {base}\ngrow: {{method: llama-pro, groups: 2}}\ndata: {{seq_len: 32, max_tokens: 4096}}\n"
                     "train: {steps: 2, global_batch: 2, micro_batch: 2, eval_every: 2, eval_batches: 1}\n")
     assert main(["train", "--config", str(path), f"out={tmp_path / 'run'}", "--method", "full"]) == 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
@@ -218,7 +218,7 @@ def test_two_processes_keep_the_global_batch(base, tmp_path):
     import sys
 
     path = tmp_path / "run.yaml"
-    path.write_text(f"model: {base}\ngrow: {{method: llama-pro, groups: 2}}\ndata: {{seq_len: 32}}\n"
+    path.write_text(f"model: {base}\ngrow: {{method: llama-pro, groups: 2}}\ndata: {{seq_len: 32, max_tokens: 4096}}\n"
                     "train: {steps: 3, global_batch: 4, micro_batch: 1, lr: 1.0e-2, eval_every: 3, eval_batches: 1}\n")
     one = records(train(load_config(path, [f"out={tmp_path / 'one'}"]), progress=False).parent)
     torchrun = Path(sys.executable).with_name("torchrun")
