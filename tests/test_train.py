@@ -200,8 +200,10 @@ def test_tiny_cpu_preset_grows_the_tiny_base_by_two_blocks():
 
 def test_gradient_checkpointing_and_bf16(base, tmp_path):
     plain = records(train(config(base, tmp_path / "plain", "train.steps=2"), progress=False).parent)
+    on = []
     checkpointed = records(train(config(base, tmp_path / "ckpt", "train.steps=2", "train.gradient_checkpointing=true"),
-                                 progress=False).parent)
+                                 progress=False, callback=lambda r, m: on.append(m.is_activation_checkpointing)).parent)
+    assert on == [True, True]
     # use_reentrant=False: the new blocks get their gradients although their inputs need none
     assert [r["loss"] for r in checkpointed[1:]] == pytest.approx([r["loss"] for r in plain[1:]], rel=1e-5)
     assert checkpointed[-1]["ppl_domain"] == pytest.approx(plain[-1]["ppl_domain"], rel=1e-4)

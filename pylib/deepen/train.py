@@ -379,7 +379,8 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
         raise ValueError(f"method {config.method} left no parameter to train; check also_train and lora.targets")
     model.config.use_cache = False
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # use_reentrant=False: the reentrant variant gives no gradients when a block's input needs none (llama-pro)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     optimizer = torch.optim.AdamW(  # frozen parameters are not in it: no AdamW state for them
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
