@@ -119,6 +119,8 @@ def test_lora_trains_the_adapters_and_saves_a_merged_model(base, tmp_path):
 
 def test_an_interrupted_run_resumes_exactly(base, tmp_path):
     whole = train(config(base, tmp_path / "whole", "train.steps=6"), progress=False)
+    with pytest.raises(Stop):  # killed at step 1, before any checkpoint: a rerun starts afresh
+        train(config(base, tmp_path / "cut", "train.steps=6"), progress=False, callback=stop_at(1))
     with pytest.raises(Stop):  # killed after step 3, which was logged but not checkpointed (last: step 2)
         train(config(base, tmp_path / "cut", "train.steps=6"), progress=False, callback=stop_at(3))
     assert [r["step"] for r in records(tmp_path / "cut")] == [0, 1, 2, 3]

@@ -337,15 +337,15 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no",
                               gradient_accumulation_steps=accumulation, cpu=cpu)
 
-    if (out / FINAL / "config.json").is_file():
-        print(f"{out} holds a finished run; its model is {out / FINAL}")
-        return out / FINAL
     saved_config = out / "config.yaml"
     if saved_config.is_file():
         diff = _config_diff(yaml.safe_load(saved_config.read_text()), config.to_dict())
         if diff:
             raise ValueError(f"{out} holds a run with another config ({'; '.join(diff)}); resume with the same "
                              "config, or choose another out")
+    if (out / FINAL / "config.json").is_file():
+        print(f"{out} holds a finished run; its model is {out / FINAL}")
+        return out / FINAL
 
     path = model_path(config.model)
     try:
@@ -402,13 +402,13 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
         saved_config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         metrics = out / METRICS
         kept = [line for line in (metrics.read_text().splitlines() if metrics.is_file() else [])
-                if json.loads(line)["step"] <= start]  # a killed run may have logged past its checkpoint
+                if start and json.loads(line)["step"] <= start]  # a killed run logged past its checkpoint
         metrics.write_text("".join(line + "\n" for line in kept))
     accelerator.wait_for_everyone()
 
     def evaluate() -> dict:
         with accelerator.autocast():
-            return {f"ppl_{name}": perplexity(model, blocks, t.micro_batch) for name, blocks in heldout.items()}
+            return {f"ppl_{key}": perplexity(model, held, t.micro_batch) for key, held in heldout.items()}
 
     def log(record: dict) -> None:
         if accelerator.is_main_process:
@@ -461,8 +461,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
         record = {"step": step, "loss": loss, "lr": lr, "tokens": step * t.global_batch * seq_len,
                   "tokens_per_s": t.global_batch * seq_len / seconds}
         if step % t.eval_every == 0 or step == t.steps:
-            record.update(evaluate())
-            model.train()
+            record.update(evaluate())  # perplexity puts the model back in training mode
         log(record)
         if step % t.save_every == 0 and step < t.steps:
             save(step)
