@@ -479,8 +479,10 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
         with atomic_folder(out / FINAL, overwrite=True) as tmp:
             final.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
-            if manifest is not None:
-                (tmp / "expansion.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if manifest is not None:  # the growth, and that the model has since been trained (no longer identical)
+                trained = {"method": config.method, "domain": d.domain, "steps": t.steps,
+                           "tokens": t.steps * t.global_batch * seq_len}
+                (tmp / "expansion.json").write_text(json.dumps({**manifest, "trained": trained}, indent=2) + "\n")
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out / FINAL
