@@ -57,8 +57,10 @@ class PlanExplorer(widgets.VBox):
         half = n // 2
         map = map or f"0-{half - 1},{half - 1}z,{half}-{n - 1},{n - 1}z"  # two halves, a zeroed copy after each
         style = {"description_width": "80px"}
-        slider = lambda name, value, hi: widgets.IntSlider(value=value, min=0 if name == "drop" else 1, max=hi,  # noqa: E731
-                                                           description=name, style=style)
+
+        def slider(name, value, hi):
+            return widgets.IntSlider(value=value, min=0 if name == "drop" else 1, max=hi, description=name, style=style)
+
         self.controls = {
             "method": widgets.Dropdown(options=list(METHODS), value=method, description="method", style=style),
             "shape": widgets.Dropdown(options=list(PRESETS), value=shape, description="shape", style=style),
