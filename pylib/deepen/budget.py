@@ -37,7 +37,7 @@ PRESET_OF = {
     "mistralai/mistral-7b-v0.1": "mistral-7b", "mistral-7b": "mistral-7b",
     "huggingfacetb/smollm2-135m": "smol", "huggingfacetb/smollm2-135m-instruct": "smol", "smollm2": "smol",
     "smollm2-135m": "smol", "smol": "smol",
-    "tiny-base": "tiny", "tiny": "tiny",  # the tiny rung's base (small for testing efficiency)
+    "tiny": "tiny",
 }
 
 
@@ -50,6 +50,11 @@ def model_config(name: str):
 
     if Path(name, "config.json").is_file():
         return transformers.AutoConfig.from_pretrained(name)
+    if name.lower() == "tiny-base":  # the tiny rung's base: its shape is in configs/tiny-base.yaml
+        from deepen.llama import Config
+        from deepen.train import TINY_BASE_CONFIG, load_config as load_tiny_config
+
+        return Config(**load_tiny_config(TINY_BASE_CONFIG)["model"]).to_hf()
     if name.lower() in PRESET_OF:
         return PRESETS[PRESET_OF[name.lower()]].to_hf()
     try:
