@@ -33,6 +33,7 @@ import torch
 from filelock import FileLock
 
 from deepen.models import cache_dir
+from deepen.output import atomic_folder
 
 BUILTINS = ("general", "code", "math")
 HELDOUT_FRACTION = 0.05
@@ -406,15 +407,8 @@ def _train_tokenizer(vocab_size: int, out: Path) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, clean_up_tokenization_spaces=False, **_SPECIALS)
-    tmp = Path(tempfile.mkdtemp(prefix=".bpe-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite=True) as tmp:  # overwrite: an incomplete earlier attempt
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # an incomplete earlier attempt
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 if __name__ == "__main__":  # `python -m deepen.data`: fetch the English text now, e.g. at install time

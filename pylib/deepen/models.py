@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from filelock import FileLock
@@ -61,18 +59,13 @@ def _convert(gguf: Path, out: Path) -> None:
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
+    from deepen.output import atomic_folder
+
+    with atomic_folder(out, overwrite=True) as tmp:  # overwrite: an incomplete earlier attempt (no config.json)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # an incomplete earlier attempt: no config.json
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:

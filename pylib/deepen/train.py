@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 import yaml
 from filelock import FileLock
 from tqdm.auto import tqdm
+
+from deepen.output import atomic_folder
 
 TINY_BASE_CONFIG = "configs/tiny-base.yaml"
 
@@ -196,17 +197,10 @@ def _pretrain(cfg: dict, out: Path, progress: bool, threads: int | None) -> None
     }
     if not math.isfinite(report["heldout_perplexity"]):
         raise FloatingPointError(f"held-out perplexity is {report['heldout_perplexity']}; nothing saved")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite=True) as tmp:  # overwrite: an incomplete earlier attempt (no config.json)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "pretrain.json").write_text(json.dumps(report, indent=1))
-        if out.exists():
-            shutil.rmtree(out)  # an incomplete earlier attempt: no config.json
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def tiny_base(config: str | os.PathLike | dict = TINY_BASE_CONFIG, threads: int | None = 1):
@@ -321,7 +315,6 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
 
     from deepen.config import check
     from deepen.evaluate import perplexity
-    from deepen.output import atomic_folder
 
     config = check(config)
     t, d = config.train, config.data
