@@ -1,7 +1,8 @@
 """`make demo`: the main story on the built-in offline defaults.
 
 Real SmolLM2-135M (30 blocks) -> LLaMA Pro expansion on disk (streaming) -> proof that it is the same
-function -> SOLAR depth up-scaling for contrast (how far the function moves).
+function -> SOLAR depth up-scaling for contrast (how far the function moves) -> continual pretraining on the
+tiny rung (configs/tiny-cpu.yaml): only the new blocks vs everything, forgetting against gain.
 """
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from deepen.checkpoint import expand
+from deepen.config import load_config
 from deepen.models import smollm2
 from deepen.plan import dus, llama_pro
+from deepen.train import METRICS, train
 from deepen.verify import verify
+
+CPT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
 
 
 def _step(title: str) -> None:
@@ -43,6 +50,25 @@ def run(out: str | Path = "runs/demo") -> int:
         print(report)
         results[name] = {"plan": plan.to_dict(), **report.to_dict()}
 
+    _step("4. Continual pretraining on the tiny rung: only the new blocks (llama-pro) vs everything (full)")
+    rows = []
+    for method in ("llama-pro", "full"):
+        config = load_config(CPT_CONFIG if CPT_CONFIG.is_file() else "configs/tiny-cpu.yaml",
+                             [f"method={method}", f"out={out / f'tiny-cpt-{method}'}"])
+        model_dir = train(config)
+        evals = [r for r in map(json.loads, (model_dir.parent / METRICS).read_text().splitlines()) if "ppl_general" in r]
+        first, last = evals[0], evals[-1]
+        rows.append({"method": method, "steps": last["step"], "general ppl before": first["ppl_general"],
+                     "general ppl after": last["ppl_general"], "code ppl before": first["ppl_domain"],
+                     "code ppl after": last["ppl_domain"]})
+    table = pd.DataFrame(rows).set_index("method")
+    table["forgetting (general x)"] = table["general ppl after"] / table["general ppl before"]
+    table["gain (code ppl / x)"] = table["code ppl before"] / table["code ppl after"]
+    print(table.round(2).to_string())
+    table.to_csv(out / "cpt.csv")
+    results["cpt"] = table.reset_index().to_dict(orient="records")
+    _figure(table, out / "forgetting_vs_gain.png")
+
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     pro, solar = results["llama-pro"], results["dus"]
     _step("Summary")
@@ -51,5 +77,22 @@ def run(out: str | Path = "runs/demo") -> int:
     print(f"SOLAR DUS ({solar['plan']['n_layers']} blocks): KL {solar['kl']:.3f} nats/token, top-1 agreement "
           f"{solar['top1_agreement']:.0%}, perplexity {solar['ppl_base']:.2f} -> {solar['ppl_grown']:.2f}: "
           f"it must be trained to recover.")
-    print(f"\nresults: {out / 'results.json'}  ({time.perf_counter() - start:.0f} s)")
+    print("Tiny-rung CPT: " + "; ".join(f"{m}: general x{r['forgetting (general x)']:.2f}, code /{r['gain (code ppl / x)']:.1f}"
+                                        for m, r in table.iterrows())
+          + " (forgetting: general perplexity multiplied; gain: code perplexity divided)")
+    print(f"\nresults: {out / 'results.json'}, {out / 'cpt.csv'}, {out / 'forgetting_vs_gain.png'}  ({time.perf_counter() - start:.0f} s)")
     return 0 if pro["exact"] else 1
+
+
+def _figure(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, row in table.iterrows():
+        ax.scatter(row["forgetting (general x)"], row["gain (code ppl / x)"], s=80, label=method)
+        ax.annotate(method, (row["forgetting (general x)"], row["gain (code ppl / x)"]), textcoords="offset points",
+                    xytext=(6, 4))
+    ax.set(xlabel="forgetting: general perplexity after / before", ylabel="gain: code perplexity before / after",
+           title="Tiny rung: domain gain against forgetting")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
