@@ -43,6 +43,21 @@ def batches(blocks: torch.Tensor, batch_size: int, steps: int, seed: int = 0) ->
         order = order[batch_size:]
 
 
+def optimizer_and_schedule(params: list, lr: float, weight_decay: float, warmup: float, steps: int,
+                           min_lr_ratio: float):
+    """AdamW over `params` only (frozen parameters get no state), β = (0.9, 0.95), weight decay on matrices only
+    (norms' gains are not decayed); linear warmup over the first `warmup` fraction, cosine down to lr·min_lr_ratio."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(warmup * steps), steps,
+                                                           min_lr_rate=min_lr_ratio)
+    return optimizer, schedule
+
+
 def train_steps(model, blocks: torch.Tensor, steps: int, lr: float, batch_size: int, *,
                 warmup: float = 0.1, min_lr_ratio: float = 0.1, weight_decay: float = 0.1, clip: float = 1.0,
                 precision: str = "fp32", seed: int = 0, progress: bool = True, desc: str = "train") -> list[float]:
@@ -53,19 +68,12 @@ def train_steps(model, blocks: torch.Tensor, steps: int, lr: float, batch_size: 
     or "bf16" (autocast). Batches come from `batches(blocks, batch_size, steps, seed)`, so the same
     arguments give the same run.
     """
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}; use 'fp32' or 'bf16'")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # norms' gains are not decayed
-        lr=lr, betas=(0.9, 0.95))
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(warmup * steps), steps,
-                                                           min_lr_rate=min_lr_ratio)
+    optimizer, schedule = optimizer_and_schedule(params, lr, weight_decay, warmup, steps, min_lr_ratio)
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
@@ -311,7 +319,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import AutoTokenizer
 
     from deepen.config import check
     from deepen.evaluate import perplexity
@@ -375,12 +383,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
         # use_reentrant=False: the reentrant variant gives no gradients when a block's input needs none (llama-pro)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-    optimizer = torch.optim.AdamW(  # frozen parameters are not in it: no AdamW state for them
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],  # norms' gains are not decayed
-        lr=t.lr, betas=(0.9, 0.95))
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(t.warmup * t.steps), t.steps,
-                                                           min_lr_rate=t.min_lr_ratio)
+    optimizer, schedule = optimizer_and_schedule(params, t.lr, t.weight_decay, t.warmup, t.steps, t.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
     accelerator.register_for_checkpointing(schedule)  # stepped once per optimizer step, by us
