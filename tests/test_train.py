@@ -101,6 +101,22 @@ def test_full_changes_every_parameter(base, tmp_path):
     assert all(not torch.equal(trained[n], p) for n, p in grown.items() if n != "lm_head.weight")
 
 
+def test_blocks_trains_only_the_listed_original_blocks(base, tmp_path):
+    out = train(config(base, tmp_path / "run", "grow=null", "method=blocks", "blocks=[1, 3]", "train.steps=2"),
+                progress=False)
+    before = LlamaForCausalLM.from_pretrained(base).state_dict()
+    trained = weights(out)
+    changed = {n for n, p in before.items() if n in trained and not torch.equal(trained[n], p)}
+    assert changed and all(n.startswith(("model.layers.1.", "model.layers.3.")) for n in changed)
+    assert not (out / "expansion.json").exists()  # nothing was grown
+    with pytest.raises(ValueError, match=r"blocks=\[1, 9\]: the model has decoder layers 0..3"):
+        train(config(base, tmp_path / "bad", "grow=null", "method=blocks", "blocks=[1, 9]"), progress=False)
+    with pytest.raises(ValueError, match="method blocks trains the decoder layers listed in blocks"):
+        config(base, tmp_path / "bad", "method=blocks")
+    with pytest.raises(ValueError, match="blocks must be a list of integers"):
+        config(base, tmp_path / "bad", "method=blocks", "blocks=[a]")
+
+
 def test_lora_trains_the_adapters_and_saves_a_merged_model(base, tmp_path):
     seen = {}
 

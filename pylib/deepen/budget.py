@@ -24,7 +24,7 @@ from torch import nn
 
 from deepen import plan as plans
 from deepen.config import RunConfig, load_config
-from deepen.train import select_trainable  # one rule for what learns: the planner counts what training trains
+from deepen.train import select_trainable, trained_layers  # one rule for what learns: the planner counts what training trains
 
 GB = 1e9  # decimal gigabytes, as GPU makers count them ("80 GB")
 STRATEGIES = ("fsdp", "zero3", "ddp")
@@ -143,7 +143,7 @@ def lora_params(linear: nn.Linear, r: int) -> int:
 def shape_of(run: RunConfig) -> Shape:
     """Count the run's model stage by stage: parameters, trainable parameters, matmul parameters, attention."""
     model, plan, new_layers = meta_model(run)
-    select_trainable(model, run.method, new_layers, run.also_train)
+    select_trainable(model, run.method, trained_layers(run, new_layers), run.also_train)
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = c.num_key_value_heads or c.num_attention_heads

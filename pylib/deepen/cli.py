@@ -7,6 +7,7 @@ import json
 import sys
 
 from deepen import plan as plans
+from deepen.config import METHODS
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
@@ -148,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="continual pretraining of a run config (resumes from the out folder's checkpoint)")
     p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny-cpu.yaml")
-    p.add_argument("--method", choices=("llama-pro", "full", "lora"),
-                   help="override the config's method: llama-pro (new blocks only), full, lora")
+    p.add_argument("--method", choices=METHODS,
+                   help="override the config's method: llama-pro (new blocks only), full, lora, blocks (those in blocks=[...])")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50 out=runs/x")
     p.set_defaults(func=cmd_train)
 

@@ -2,7 +2,7 @@
 
     model: smollm2                 # HF folder, hub id, "smollm2" (offline) or "tiny-base" (trained once, cached)
     grow: {method: llama-pro, groups: 6}   # optional: a plan applied first; the manifest records it
-    method: llama-pro              # llama-pro (only new blocks learn) | full | lora
+    method: llama-pro              # llama-pro (only new blocks learn) | full | lora | blocks (only `blocks:` learn)
     data: {domain: code, general: general, seq_len: 256}
     train: {steps: 200, global_batch: 32, micro_batch: 8, lr: 2.0e-4, precision: bf16}
     out: runs/smol-code
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("llama-pro", "full", "lora")
+METHODS = ("llama-pro", "full", "lora", "blocks")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -77,6 +77,7 @@ class RunConfig:
     method: str = "llama-pro"
     grow: GrowConfig | None = None
     also_train: list[str] = field(default_factory=list)  # llama-pro: extra parameter name parts, e.g. [embed_tokens, norm]
+    blocks: list[int] = field(default_factory=list)  # method blocks: the decoder layers that learn, e.g. [3, 7]
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -110,7 +111,10 @@ def _value(hint, value, key: str):
     if typing.get_origin(hint) is list:
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list, got {value!r}")
-        return [str(v) for v in value]
+        (item,) = args
+        if item is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{key} must be a list of integers, got {value!r}")
+        return [item(v) for v in value]
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML reads 1e-4 (no dot) as a string
@@ -127,6 +131,9 @@ def check(config: RunConfig) -> RunConfig:
     t = config.train
     if config.method not in METHODS:
         raise ValueError(f"method={config.method!r} is not one of {', '.join(METHODS)}")
+    if (config.method == "blocks") != bool(config.blocks):
+        raise ValueError("method blocks trains the decoder layers listed in blocks (e.g. blocks=[3,7]); "
+                         + ("blocks is empty" if config.method == "blocks" else f"blocks is set but method is {config.method}"))
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
     for key in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "save_every"):

@@ -230,17 +230,28 @@ METRICS = "metrics.jsonl"
 FINAL = "model"
 
 
-def select_trainable(model: torch.nn.Module, method: str, new_layers: list[int], also_train: list[str] = ()) -> None:
-    """Set requires_grad by the method: `full` trains everything; `llama-pro` only the new layers; `lora` only
-    the adapters peft added (names with `lora_`; none on a model without them). Parameters whose name contains
-    a part in `also_train` learn too (e.g. "embed_tokens", "norm")."""
-    if method == "llama-pro" and not new_layers:
+def select_trainable(model: torch.nn.Module, method: str, layers: list[int], also_train: list[str] = ()) -> None:
+    """Set requires_grad by the method: `full` trains everything; `llama-pro` and `blocks` only the decoder
+    `layers` (for llama-pro the ones a plan added; `trained_layers` says which); `lora` only the adapters peft
+    added (names with `lora_`; none on a model without them). Parameters whose name contains a part in
+    `also_train` learn too (e.g. "embed_tokens", "norm")."""
+    if method == "llama-pro" and not layers:
         raise ValueError("method llama-pro trains only the layers a plan added: add a grow: section to the config "
                          "or point model at a folder made by `deepen expand` (with expansion.json)")
-    prefixes = tuple(f"model.layers.{i}." for i in new_layers)
+    n_layers = model.config.num_hidden_layers
+    if method == "blocks" and not all(0 <= i < n_layers for i in layers):
+        raise ValueError(f"blocks={list(layers)}: the model has decoder layers 0..{n_layers - 1}")
+    prefixes = tuple(f"model.layers.{i}." for i in layers)
     for name, p in model.named_parameters():
-        p.requires_grad_(method == "full" or method == "llama-pro" and name.startswith(prefixes)
-                         or method == "lora" and "lora_" in name or any(part in name for part in also_train))
+        p.requires_grad_(method == "full" or method in ("llama-pro", "blocks") and name.startswith(prefixes)
+                         or method == "lora" and "lora_" in name
+                         or any(part in name for part in also_train))
+
+
+def trained_layers(config, new_layers: list[int]) -> list[int]:
+    """The decoder layers a run config trains when its method trains whole blocks: `blocks:` for method blocks
+    (e.g. every 4th original block, the control with no new parameters), else the plan's new layers."""
+    return list(config.blocks) if config.method == "blocks" else list(new_layers)
 
 
 def model_path(name: str) -> str:
@@ -374,7 +385,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
 
         model = get_peft_model(model, LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
                                                  lora_dropout=config.lora.dropout, target_modules=config.lora.targets))
-    select_trainable(model, config.method, new_layers, config.also_train)  # before prepare: FSDP/ZeRO need it
+    select_trainable(model, config.method, trained_layers(config, new_layers), config.also_train)  # before prepare: FSDP/ZeRO need it
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {config.method} left no parameter to train; check also_train and lora.targets")
