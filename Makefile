@@ -30,6 +30,10 @@ test-slow: $(STAMP)
 notebooks: $(STAMP)
 	$(OFFLINE) $(PY) tools/execute_notebooks.py notebooks/*.ipynb
 
+# The papers' comparisons on the tiny rung (CSVs and figures into figures/): under 30 minutes on 2 CPU cores.
+reproduce: $(STAMP)
+	$(OFFLINE) $(PY) -m deepen reproduce
+
 lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks
 

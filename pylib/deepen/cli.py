@@ -1,4 +1,4 @@
-"""`deepen plan | expand | verify | train | eval | budget | demo` — thin wrappers over the library."""
+"""`deepen plan | expand | verify | train | eval | budget | reproduce | demo` — thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("budget", help="parameters, FLOPs, memory per GPU and time for a run config, before any GPU")
     budget.add_arguments(p)
     p.set_defaults(func=budget.run)
+
+    from deepen import reproduce
+
+    p = sub.add_parser("reproduce", help="the papers' comparisons on one rung (methods, placement, block count, "
+                                         "DUS recovery): CSVs, figures and the claims beside the measurements")
+    reproduce.add_arguments(p)
+    p.set_defaults(func=reproduce.main)
 
     p = sub.add_parser("demo", help="the main story on the built-in offline defaults")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its models and results (default runs/demo)")
