@@ -1,0 +1,839 @@
+"""Checks for the lab notebooks (notebooks/labs/): each `check_*` runs a student's function on small inputs,
+compares the result with deepen's own implementation, and says what is wrong, where, and what it looks like.
+
+- A pass prints one line of confirmation.
+- A wrong answer names the mistake when it is a common one: the check also computes the known wrong versions
+  (LayerNorm for RMSNorm, interleaved RoPE pairs, k/v heads not repeated, a causal mask off by one, ...) and
+  says which one the answer matches. Otherwise: wrong shape (expected vs got) or numerically off (max error,
+  where, expected vs got).
+- A function that still raises NotImplementedError is "not done"; any other error is reported in one line
+  (the error and the line of the student's code), never as a traceback.
+
+Every result lands in `RESULTS` (this kernel's registry); `summary()` prints the table, and `deepen grade`
+reads it after running a notebook.
+
+    >>> from deepen import checks
+    >>> checks.check_rmsnorm(rms_norm)
+    ✓ rmsnorm: pass — equals deepen.llama.RMSNorm on 3 inputs (max error 2.4e-07)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepen import llama
+from deepen.grow import OUTPUT_PROJECTIONS, grow, zero_output_projections
+from deepen.plan import Plan, custom, dus, llama_pro
+
+STATUSES = ("pass", "fail", "not done")
+MARKS = {"pass": "✓", "fail": "✗", "not done": "…"}
+RESULTS_MARKER = "DEEPEN-CHECK-RESULTS "  # the line `deepen grade` reads from the kernel's output
+ATOL = RTOL = 1e-4  # a correct answer computed in another order differs by ~1e-7
+
+
+@dataclass
+class Result:
+    name: str  # the exercise, e.g. "rmsnorm"
+    status: str  # "pass", "fail" or "not done"
+    feedback: str
+
+    def __str__(self) -> str:
+        return f"{MARKS[self.status]} {self.name}: {self.status} — {self.feedback}"
+
+    def _ipython_display_(self):
+        """The check printed the feedback already: a check as a cell's last line shows it once."""
+
+
+RESULTS: dict[str, Result] = {}
+
+
+class Wrong(Exception):
+    """The answer is wrong; the message says how."""
+
+
+class StudentError(Exception):
+    """The student's function raised; the message gives the error and the student's line."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+        super().__init__(f"{type(error).__name__}: {error}{_where(error)}")
+
+
+_LIBRARY_DIRS = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, llama)) + (__file__,)
+
+
+def _where(error: BaseException) -> str:
+    """' (in f, line 3: `code`)' for the last traceback frame outside torch and deepen: the student's line."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not str(Path(f.filename).resolve()).startswith(_LIBRARY_DIRS) and "site-packages" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (in {f.name}, line {f.lineno}: `{(f.line or '').strip()}`)"
+
+
+def _call(fn, *args):
+    """Call the student's function: NotImplementedError passes (not done); any other error becomes a StudentError."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except Exception as e:  # noqa: BLE001 — whatever the student's code raises is feedback, not a crash
+        raise StudentError(e) from e
+
+
+def _check(name: str, body, *args) -> Result:
+    try:
+        status, feedback = "pass", body(*args)
+    except NotImplementedError:
+        status, feedback = "not done", "still raises NotImplementedError — fill in the cell marked # TODO above"
+    except (Wrong, StudentError) as e:
+        status, feedback = "fail", (f"your function raised {e}" if isinstance(e, StudentError) else str(e))
+    except Exception as e:  # noqa: BLE001 — e.g. an answer of a type the check cannot use
+        status, feedback = "fail", f"the check could not use your answer: {type(e).__name__}: {e}"
+    result = Result(name, status, feedback)
+    RESULTS[name] = result
+    print(result)
+    return result
+
+
+# ---------------------------------------------------------------- comparing tensors
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and torch.allclose(got.detach().float(), want.detach().float(), rtol=RTOL, atol=ATOL, equal_nan=True))
+
+
+def _difference(got, want: torch.Tensor, dims: tuple[str, ...]) -> str | None:
+    """None when `got` equals `want` (to float tolerance); else what is wrong: type, shape, NaN, or the largest error
+    and where it is, naming each dimension."""
+    names = f" ({', '.join(dims)})" if dims else ""
+    if got is None:
+        return "returned None — did you forget `return`?"
+    if isinstance(got, tuple):
+        return f"returned a tuple of {len(got)}; return only the output tensor"
+    if not isinstance(got, torch.Tensor):
+        return f"returned a {type(got).__name__}; expected a tensor of shape {tuple(want.shape)}{names}"
+    if got.shape != want.shape:
+        return f"wrong shape: expected {tuple(want.shape)}{names}, got {tuple(got.shape)}"
+    got, want = got.detach().float(), want.detach().float()
+    if _close(got, want):
+        return None
+    nan = torch.isnan(got) & ~torch.isnan(want)
+    if nan.any():
+        at = tuple(nan.nonzero()[0].tolist())
+        return f"NaN in the output at {list(at)}{names}, {int(nan.sum())} of {got.numel()} values"
+    err = (got - want).abs().nan_to_num(nan=math.inf)
+    off = err > ATOL + RTOL * want.abs()
+    at = tuple(torch.unravel_index(err.argmax(), err.shape))
+    at = tuple(int(i) for i in at)
+    return (f"numerically off: max error {err[at].item():.3g} at {list(at)}{names}: expected {want[at].item():.4g}, "
+            f"got {got[at].item():.4g}; {int(off.sum())} of {got.numel()} values off")
+
+
+def _compare(got, want: torch.Tensor, dims: tuple[str, ...], mistakes: dict, case: str = "") -> float:
+    """Raise Wrong unless got == want, naming the mistake whose output `got` matches; return the max error.
+    `mistakes`: message -> the output that mistake gives (or (output, index) to compare only got[index])."""
+    problem = _difference(got, want, dims)
+    if problem is None:
+        return (got.detach().float() - want.float()).abs().max().item()
+    for message, wrong in mistakes.items():
+        wrong, index = wrong if isinstance(wrong, tuple) else (wrong, ...)
+        if isinstance(got, torch.Tensor) and got.shape == wrong.shape and _close(got[index], wrong[index]):
+            raise Wrong(message + (f" [{problem}{case}]" if problem.startswith("NaN") else ""))
+    raise Wrong(problem + case)
+
+
+def _seeded(seed: int = 0) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def _randomise(module: nn.Module, std: float = 0.2) -> nn.Module:
+    """Weights large enough that attention is peaked and norms' gains differ from 1: mistakes show clearly."""
+    for name, p in module.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.normal_(1.0, 0.5)
+        else:
+            p.normal_(0.0, std)
+    return module
+
+
+def _small_config(**changes) -> llama.Config:
+    # small for checking efficiency: every mistake below still shows
+    return llama.Config(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=172,
+                        max_seq_len=64, tie_embeddings=True).replace(**changes)
+
+
+# ---------------------------------------------------------------- lab 01: the Llama block
+
+
+def check_rmsnorm(rms_norm) -> Result:
+    """rms_norm(x, weight, eps) -> x / sqrt(mean(x², last dim) + eps) · weight, against deepen.llama.RMSNorm."""
+    return _check("rmsnorm", _rmsnorm, rms_norm)
+
+
+def _rmsnorm(rms_norm) -> str:
+    _seeded()
+    dim, eps = 64, 1e-5
+    norm = _randomise(llama.RMSNorm(dim, eps))
+    weight = norm.weight.detach()
+    cases = {"a vector with a common offset": torch.randn(2, 5, dim) + 3.0,
+             "small inputs (mean square near eps)": torch.randn(2, 5, dim) * 3e-3,
+             "one token vector": torch.randn(dim)}
+    worst = 0.0
+    for case, x in cases.items():
+        with torch.no_grad():
+            want = norm(x)
+            ms = x.pow(2).mean(-1, keepdim=True)
+            mistakes = {
+                "this is LayerNorm: it subtracts the mean first. RMSNorm does not — it only divides x by "
+                "sqrt(mean(x²) + eps), so a common offset survives": weight * F.layer_norm(x, (dim,), eps=eps),
+                "the gain is missing: multiply the normalised x by weight": x * torch.rsqrt(ms + eps),
+                "eps is missing or outside the square root: divide by sqrt(mean(x²) + eps)": weight * x / ms.sqrt(),
+                "divided by the vector's length (square root of the *sum* of squares), not its root mean square: "
+                "use x.pow(2).mean(-1, keepdim=True)": weight * x / (x.pow(2).sum(-1, keepdim=True) + eps).sqrt(),
+                "the square root is missing: divide by sqrt(mean(x²) + eps), not mean(x²) + eps": weight * x / (ms + eps),
+            }
+        try:
+            got = _call(rms_norm, x.clone(), weight.clone(), eps)
+        except StudentError as e:
+            if "must match the size" in str(e):
+                raise Wrong(f"your function raised {e} — a mean over the last dimension needs keepdim=True to "
+                            "divide x by it") from None
+            raise
+        dims = ("batch", "seq", "dim") if x.dim() == 3 else ("dim",)
+        worst = max(worst, _compare(got, want, dims, mistakes, f" (input: {case})"))
+    return f"equals deepen.llama.RMSNorm on {len(cases)} inputs (max error {worst:.2g})"
+
+
+def _interleaved_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, sign: float = 1.0) -> torch.Tensor:
+    """Meta's layout — pair (x[2i], x[2i+1]) turns by m·θ_i — as deepen.llama's halves layout on permuted coordinates."""
+    d = x.shape[-1]
+    order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])  # pairs (2i, 2i+1) -> (i, i + d/2)
+    cos, sin = llama.rope(positions, d, theta)
+    out = torch.empty_like(x)
+    out[..., order] = llama.apply_rope(x[..., order], cos, sign * sin)
+    return out
+
+
+LAYOUTS = ("halves", "interleaved")
+
+
+def check_rope(apply_rope, layout: str = "halves") -> Result:
+    """apply_rope(x, positions, theta) -> x rotated, x: (batch, heads, seq, head_dim), positions: (seq,).
+    layout="halves" pairs x[i] with x[i + d/2] (transformers, deepen.llama); "interleaved" pairs x[2i], x[2i+1]
+    (Meta's original code)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    return _check("rope", _rope, apply_rope, layout)
+
+
+def _rope(apply_rope, layout: str) -> str:
+    _seeded()
+    batch, heads, seq, d, theta = 2, 3, 8, 16, 10000.0
+    x, positions = torch.randn(batch, heads, seq, d), torch.arange(seq)
+    cos, sin = llama.rope(positions, d, theta)
+    cos1, sin1 = llama.rope(positions + 1, d, theta)
+    halves, interleaved = llama.apply_rope(x, cos, sin), _interleaved_rope(x, positions, theta)
+    if layout == "halves":
+        want, backwards, shifted = halves, llama.apply_rope(x, cos, -sin), llama.apply_rope(x, cos1, sin1)
+        mistakes = {"pairs interleaved instead of halves: you rotate (x[2i], x[2i+1]) — Meta's original layout — but "
+                    "transformers and deepen.llama pair x[i] with x[i + d/2] (the two halves, rotate_half)": interleaved}
+    else:
+        want, backwards = interleaved, _interleaved_rope(x, positions, theta, sign=-1.0)
+        shifted = _interleaved_rope(x, positions + 1, theta)
+        mistakes = {"pairs taken as halves instead of interleaved: you rotate (x[i], x[i + d/2]) — transformers' "
+                    "layout — but this layout pairs neighbours (x[2i], x[2i+1])": halves}
+    mistakes.update({
+        "rotated the wrong way: the sign of sin is flipped (x·cos + rotate_half(x)·sin, with rotate_half(x) = "
+        "[-x2, x1])": backwards,
+        "x comes back unrotated: each position m must turn pair i by the angle m·θ_i": x,
+        "positions start at 1: the first token is position 0 (it is not rotated)": shifted,
+    })
+    got = _call(apply_rope, x.clone(), positions, theta)
+    error = _compare(got, want, ("batch", "heads", "seq", "head_dim"), mistakes)
+    return f"equals deepen.llama.apply_rope ({layout} layout, head_dim {d}, {seq} positions; max error {error:.2g})"
+
+
+def _attention_by_hand(attn: llama.Attention, x, cos, sin, n_heads: int, n_kv_heads: int, *, repeat: str = "interleave",
+                       mask: str = "causal", scale: float | None = None, rope: str = "qk", softmax_dim: int = -1):
+    """Attention written out, with knobs for the common mistakes; the defaults equal deepen.llama.Attention
+    (a test holds them equal)."""
+    batch, seq, _ = x.shape
+    q = attn.q_proj(x).view(batch, seq, n_heads, -1).transpose(1, 2)  # (batch, heads, seq, head_dim)
+    k = attn.k_proj(x).view(batch, seq, n_kv_heads, -1).transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
+    v = attn.v_proj(x).view(batch, seq, n_kv_heads, -1).transpose(1, 2)
+    if "q" in rope:
+        q = llama.apply_rope(q, cos, sin)
+    if "k" in rope:
+        k = llama.apply_rope(k, cos, sin)
+    if "v" in rope:
+        v = llama.apply_rope(v, cos, sin)
+    group = n_heads // n_kv_heads
+    if repeat == "interleave":  # query head h reads k/v head h // group
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    else:  # "tile": query head h reads k/v head h % n_kv_heads
+        k, v = k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (batch, heads, seq, seq)
+    ones = torch.ones(seq, seq, dtype=torch.bool)
+    allowed = {"causal": llama.causal_mask(seq, seq, None), "none": ones, "sees next": ones.tril(1),
+               "hides self": ones.tril(-1), "past hidden": ones.triu(0)}[mask]  # (seq, seq), True = may attend
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(softmax_dim)
+    return attn.o_proj((weights @ v).transpose(1, 2).reshape(batch, seq, -1))
+
+
+def _attention_case(n_kv_heads: int, seq: int = 6):
+    _seeded()
+    c = _small_config(n_kv_heads=n_kv_heads)
+    attn = _randomise(llama.Attention(c))
+    x = torch.randn(2, seq, c.dim)
+    cos, sin = llama.rope(torch.arange(seq), c.head_dim, c.rope_theta)
+    with torch.no_grad():
+        want = attn(x, cos, sin)
+    return c, attn, x, cos, sin, want
+
+
+def check_attention(attention) -> Result:
+    """attention(x, attn, cos, sin, n_heads, n_kv_heads) -> (batch, seq, dim): causal grouped-query attention with
+    the projections of `attn` (a deepen.llama.Attention), against attn(x, cos, sin)."""
+    return _check("attention", _attention, attention)
+
+
+def _attention(attention) -> str:
+    c, attn, x, cos, sin, want = _attention_case(n_kv_heads=2)
+    dims = ("batch", "seq", "dim")
+    group = c.n_heads // c.n_kv_heads
+    try:
+        got = _call(attention, x.clone(), attn, cos, sin, c.n_heads, c.n_kv_heads)
+        problem = _difference(got, want, dims)
+    except StudentError as e:
+        got, problem = None, f"your function raised {e}"
+    if problem is None:
+        error = (got.float() - want).abs().max().item()
+        return (f"equals deepen.llama.Attention: {c.n_heads} query heads sharing {c.n_kv_heads} k/v heads, causal "
+                f"(max error {error:.2g})")
+    # Right for multi-head attention but not for groups: the k/v heads are not repeated (or in the wrong order).
+    mc, mattn, mx, mcos, msin, mwant = _attention_case(n_kv_heads=c.n_heads)
+    try:
+        mha_right = _difference(_call(attention, mx, mattn, mcos, msin, mc.n_heads, mc.n_kv_heads), mwant, dims) is None
+    except StudentError:
+        mha_right = False
+    with torch.no_grad():
+        def by_hand(**mistake):
+            return _attention_by_hand(attn, x, cos, sin, c.n_heads, c.n_kv_heads, **mistake)
+
+        tiled = by_hand(repeat="tile")
+        if mha_right and _close(got, tiled):
+            raise Wrong(f"k/v heads repeated in the wrong order: query head h must read k/v head h // {group} "
+                        f"(repeat_interleave({group}, dim=1)); .repeat() gives it head h % {c.n_kv_heads}")
+        if mha_right:
+            raise Wrong(f"k/v heads not repeated for grouped-query attention: right with {c.n_heads} k/v heads, but "
+                        f"here q has {c.n_heads} heads and k, v have {c.n_kv_heads}; each k/v head serves {group} "
+                        f"query heads: k = k.repeat_interleave({group}, dim=1), the same for v [{problem}]")
+        if got is None:
+            raise Wrong(problem)
+        head_dim = c.head_dim
+        mistakes = {
+            "causal mask off by one: each token also sees the next token. Hide only the future, key j > query i: "
+            "torch.ones(seq, seq, dtype=torch.bool).triu(1)": by_hand(mask="sees next"),
+            "causal mask off by one: it hides each token from itself too (j >= i), so the first token sees nothing "
+            "(its row is all -inf, softmax gives NaN). Hide only j > i: .triu(1), not .triu(0)":
+                (by_hand(mask="hides self"), (slice(None), slice(1, None))),
+            "no causal mask: every token sees the future. Fill the scores where key j > query i with -inf "
+            "before the softmax": by_hand(mask="none"),
+            "the mask hides the past instead of the future: mask where j > i (.triu(1)), not j < i (.tril(-1))":
+                by_hand(mask="past hidden"),
+            f"scores not scaled: divide q·kᵀ by sqrt(head_dim) = {math.sqrt(head_dim):g}": by_hand(scale=1.0),
+            f"scores divided by head_dim = {head_dim}; divide by its square root": by_hand(scale=1 / head_dim),
+            "softmax over the wrong axis: normalise each query's scores over the keys (dim=-1)": by_hand(softmax_dim=-2),
+            "RoPE not applied: rotate q and k (apply_rope) before the scores": by_hand(rope=""),
+            "RoPE applied to q only: rotate k too": by_hand(rope="q"),
+            "RoPE applied to v as well: rotate only q and k (the values carry content, not position)":
+                by_hand(rope="qkv"),
+        }
+    _compare(got, want, dims, mistakes)
+    raise Wrong(problem)
+
+
+def check_swiglu(swiglu) -> Result:
+    """swiglu(x, mlp) -> down_proj(silu(gate_proj(x)) · up_proj(x)) with the projections of `mlp` (a
+    deepen.llama.MLP), against mlp(x)."""
+    return _check("swiglu", _swiglu, swiglu)
+
+
+def _swiglu(swiglu) -> str:
+    _seeded()
+    c = _small_config()
+    mlp = _randomise(llama.MLP(c))
+    x = torch.randn(2, 5, c.dim)
+    with torch.no_grad():
+        want, gate, up, down = mlp(x), mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj
+        mistakes = {
+            "SiLU on the wrong projection: silu(gate_proj(x)) * up_proj(x), not silu(up_proj(x)) * gate_proj(x)":
+                down(F.silu(up) * gate),
+            "sigmoid instead of SiLU: silu(z) = z · sigmoid(z)": down(torch.sigmoid(gate) * up),
+            "ReLU instead of SiLU": down(F.relu(gate) * up),
+            "GELU instead of SiLU (that is GeGLU)": down(F.gelu(gate) * up),
+            "the gate's partner is missing: multiply silu(gate_proj(x)) by up_proj(x)": down(F.silu(gate)),
+            "SiLU applied after the product: silu(gate_proj(x)) * up_proj(x), not silu(gate_proj(x) * up_proj(x))":
+                down(F.silu(gate * up)),
+        }
+    got = _call(swiglu, x.clone(), mlp)
+    if isinstance(got, torch.Tensor) and got.shape[-1] == c.intermediate_size:
+        raise Wrong(f"wrong shape: expected {tuple(want.shape)} (batch, seq, dim), got {tuple(got.shape)} — "
+                    f"{c.intermediate_size} is the hidden width: down_proj not applied")
+    error = _compare(got, want, ("batch", "seq", "dim"), mistakes)
+    return f"equals deepen.llama.MLP: {c.dim} -> {c.intermediate_size} -> {c.dim} (max error {error:.2g})"
+
+
+def check_block(block) -> Result:
+    """block(x, b, cos, sin) -> the output of decoder block `b` (a deepen.llama.Block): h = x + Attn(RMSNorm(x)),
+    out = h + SwiGLU(RMSNorm(h)), against b(x, cos, sin)."""
+    return _check("block", _block, block)
+
+
+def _block(block) -> str:
+    _seeded()
+    c = _small_config()
+    b = _randomise(llama.Block(c))
+    seq = 6
+    x = torch.randn(2, seq, c.dim)
+    cos, sin = llama.rope(torch.arange(seq), c.head_dim, c.rope_theta)
+    with torch.no_grad():
+        want = b(x, cos, sin)
+
+        def attn(h):
+            return b.attn(b.attn_norm(h), cos, sin)
+
+        def mlp(h):
+            return b.mlp(b.mlp_norm(h))
+
+        h = x + attn(x)
+        normed = b.attn_norm(x)
+        post = b.attn_norm(x + b.attn(x, cos, sin))
+        mistakes = {
+            "post-norm (the original Transformer's order): normalise each sub-layer's input, not the sum — "
+            "h = x + attn(attn_norm(x)), out = h + mlp(mlp_norm(h))": b.mlp_norm(post + b.mlp(post)),
+            "no residual connections: add each sub-layer's output to its input": mlp(attn(x)),
+            "the MLP's residual is missing: out = h + mlp(mlp_norm(h))": mlp(h),
+            "the attention residual is missing: h = x + attn(attn_norm(x))": attn(x) + mlp(attn(x)),
+            "the MLP reads x instead of h (parallel attention and MLP): its input is h = x + attention output":
+                h + mlp(x),
+            "the MLP is normalised with attn_norm: each sub-layer has its own norm, mlp_norm for the MLP":
+                h + b.mlp(b.attn_norm(h)),
+            "the residual adds to the normalised x: add to x itself — the stream is never normalised inside "
+            "the block": (normed + b.attn(normed, cos, sin)) + mlp(normed + b.attn(normed, cos, sin)),
+        }
+    got = _call(block, x.clone(), b, cos, sin)
+    error = _compare(got, want, ("batch", "seq", "dim"), mistakes)
+    return f"equals deepen.llama.Block: pre-norm, two residual adds (max error {error:.2g})"
+
+
+# ---------------------------------------------------------------- lab 02 and 03: layer plans, zero-initialised copies
+
+
+def _sources(answer, what: str) -> tuple[list[int], list[int] | None]:
+    """(base-layer index of each layer, indices zeroed or None) from a list of ints, a list of Layer, or a Plan."""
+    if isinstance(answer, Plan):
+        return answer.sources, answer.zeroed_layers
+    if answer is None:
+        raise Wrong(f"returned None — did you forget `return`? Return {what}")
+    try:
+        items = list(answer)
+    except TypeError:
+        raise Wrong(f"returned a {type(answer).__name__}; return {what}") from None
+    if items and all(hasattr(i, "source") for i in items):
+        return [int(i.source) for i in items], [n for n, i in enumerate(items) if i.zero]
+    if not all(isinstance(i, int) or isinstance(i, torch.Tensor) and i.numel() == 1 for i in items):
+        raise Wrong(f"returned {answer!r:.80}; return {what}")
+    return [int(i) for i in items], None
+
+
+def _first_difference(got: list, want: list) -> str:
+    i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    if len(got) != len(want):
+        return f"expected {len(want)} layers, got {len(got)}"
+    return f"they first differ at position {i}: expected layer {want[i]}, got {got[i]}"
+
+
+def check_llama_pro_plan(layers) -> Result:
+    """layers(n_layers, groups) -> the grown model's layers as base-layer indices (a copy after each group),
+    against deepen.plan.llama_pro; a list of deepen.plan.Layer or a Plan is checked for its zeroed copies too."""
+    return _check("llama_pro_plan", _llama_pro_plan, layers)
+
+
+def _llama_pro_plan(layers) -> str:
+    what = "the grown model's layers as a list of base-layer indices, e.g. [0, 1, 1, 2, 3, 3]"
+    cases = [(8, 2), (32, 8), (6, 3), (4, 1), (12, 4)]
+    for n, groups in cases:
+        plan = llama_pro(n, groups)
+        got, zeroed = _sources(_call(layers, n, groups), what)
+        case = f"n_layers={n}, groups={groups}"
+        if got == plan.sources:
+            if zeroed is not None and zeroed != plan.zeroed_layers:
+                raise Wrong(f"{case}: the right layers, but zeroed {zeroed}; the new copies {plan.zeroed_layers} "
+                            "have o_proj and down_proj zeroed (zero=True), the originals not")
+            continue
+        size = n // groups
+        by_group = [list(range(g * size, (g + 1) * size)) for g in range(groups)]
+        mistakes = {
+            "all new blocks at the top: LLaMA Pro interleaves them — a copy after each group":
+                llama_pro(n, groups, placement="top").sources,
+            "all new blocks at the bottom: LLaMA Pro puts a copy after each group":
+                llama_pro(n, groups, placement="bottom").sources,
+            "copied each group's first block: LLaMA Pro copies the group's top (last) block":
+                [s for g in by_group for s in g + [g[0]]],
+            "the copy comes before its group: it goes after the group's top block": [s for g in by_group for s in [g[-1]] + g],
+        }
+        if n % size == 0 and size != groups:
+            mistakes[f"groups and group size swapped: groups={groups} means {groups} groups of {size} layers, a copy "
+                     f"after every {size} layers"] = llama_pro(n, size).sources
+        for message, wrong in mistakes.items():
+            if got == wrong:
+                raise Wrong(f"{message} (for {case}: expected {plan.sources}, got {got})")
+        raise Wrong(f"for {case}: expected {plan.sources}, got {got} — {_first_difference(got, plan.sources)}")
+    return f"equals deepen.plan.llama_pro on {len(cases)} shapes, e.g. 8 layers, 2 groups: {llama_pro(8, 2).sources}"
+
+
+def check_dus_plan(layers) -> Result:
+    """layers(n_layers, drop) -> SOLAR's depth up-scaling as base-layer indices, [0, L-m) + [m, L), against
+    deepen.plan.dus."""
+    return _check("dus_plan", _dus_plan, layers)
+
+
+def _dus_plan(layers) -> str:
+    what = "the grown model's layers as a list of base-layer indices"
+    cases = [(32, 8), (8, 2), (10, 3), (6, 0)]
+    for n, m in cases:
+        want = dus(n, m).sources
+        got, _ = _sources(_call(layers, n, m), what)
+        if got == want:
+            continue
+        mistakes = {
+            "the two copies are in the wrong order: the bottom copy [0, L-m) comes first, then the top copy [m, L)":
+                list(range(m, n)) + list(range(n - m)),
+            "both copies lost their top m layers: the second copy loses its bottom m instead, [m, L)":
+                list(range(n - m)) * 2,
+            "both copies lost their bottom m layers: the first copy loses its top m instead, [0, L-m)":
+                list(range(m, n)) * 2,
+            "dropped m from only one copy: each copy loses m layers": list(range(n)) + list(range(m, n)),
+            "off by one: each copy keeps L - m layers, [0, L-m) and [m, L) — range(L - m), range(m, L)":
+                list(range(n - m + 1)) + list(range(m - 1, n)),
+            "dropped m/2 from each copy: SOLAR drops m layers from each, 2(L - m) in all":
+                list(range(n - m // 2)) + list(range(m // 2, n)),
+        }
+        for message, wrong in mistakes.items():
+            if got == wrong:
+                raise Wrong(f"{message} (for n_layers={n}, drop={m}: expected {want}, got {got})")
+        raise Wrong(f"for n_layers={n}, drop={m}: expected {want}, got {got} — {_first_difference(got, want)}")
+    return f"equals deepen.plan.dus on {len(cases)} shapes, e.g. 32 layers, drop 8 -> {len(dus(32, 8).sources)} layers"
+
+
+def check_new_layers(new_layers) -> Result:
+    """new_layers(sources) -> positions in the grown model of the new layers: every use of a base layer after its
+    first, against deepen.plan (Plan.new_layers)."""
+    return _check("new_layers", _new_layers, new_layers)
+
+
+def _new_layers(new_layers) -> str:
+    cases = [dus(8, 2).sources, llama_pro(8, 2).sources, [0, 1, 2, 0, 1, 2], [0, 0, 1, 1], [2, 1, 0, 1]]
+    for sources in cases:
+        plan = custom(sources, n_base=max(sources) + 1)
+        want = plan.new_layers
+        got = _call(new_layers, list(sources))
+        if got is None:
+            raise Wrong("returned None — did you forget `return`? Return a list of positions in the grown model")
+        got = [int(i) for i in got]
+        if got == want:
+            continue
+        firsts = sorted({s: i for i, s in reversed(list(enumerate(sources)))}.values())
+        if got == [sources[i] for i in want]:
+            raise Wrong(f"for {sources}: those are base-layer indices (where the copies come from); return their "
+                        f"positions in the grown model: expected {want}, got {got}")
+        if sorted(got) == sorted(want):
+            raise Wrong(f"for {sources}: the right positions in the wrong order; return them ascending: {want}")
+        if got == firsts:
+            raise Wrong(f"for {sources}: those are the first uses, the originals; the new layers are every later use "
+                        f"of a base layer: expected {want}, got {got}")
+        raise Wrong(f"for {sources}: expected {want}, got {got}")
+    return f"equals deepen.plan's new layers on {len(cases)} plans, e.g. DUS 8 layers, drop 2: {dus(8, 2).new_layers}"
+
+
+def _hf_model(n_layers: int, seed: int = 0):
+    """A small random transformers Llama (tied embeddings) with distinct norm gains."""
+    from transformers import LlamaForCausalLM
+
+    _seeded(seed)
+    model = LlamaForCausalLM(_small_config(n_layers=n_layers).to_hf())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+    return model.eval()
+
+
+def _block_forward(model, block, x: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+    with torch.no_grad():
+        out = block(x, position_embeddings=model.model.rotary_emb(x, positions))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def check_zero_init(zeroed_copy) -> Result:
+    """zeroed_copy(block) -> a copy of a transformers decoder layer with o_proj and down_proj zeroed, the original
+    untouched, against deepen.grow.zero_output_projections."""
+    return _check("zero_init", _zero_init, zeroed_copy)
+
+
+def _zero_init(zeroed_copy) -> str:
+    model = _hf_model(n_layers=1)
+    block = model.model.layers[0]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    want = copy.deepcopy(block)
+    zero_output_projections(want)
+    got = _call(zeroed_copy, block)
+    if got is None:
+        raise Wrong("returned None — return the copy: new = copy.deepcopy(block), zero its o_proj and down_proj, "
+                    "return new")
+    if got is block or any(not torch.equal(v, block.state_dict()[k]) for k, v in before.items()):
+        raise Wrong("changed the original block in place: the original stays in the model as it was — make a copy "
+                    "first (copy.deepcopy(block)) and zero the copy")
+    if not isinstance(got, nn.Module) or set(got.state_dict()) != set(want.state_dict()):
+        raise Wrong(f"returned a {type(got).__name__}; return a copy of the block (the same kind of module)")
+    got_state, want_state = got.state_dict(), want.state_dict()
+    differ = [k for k in want_state if not torch.equal(got_state[k], want_state[k])]
+    x = torch.randn(2, 8, model.config.hidden_size)
+    moved = (_block_forward(model, got, x) - x).abs().max().item()
+    if not differ:
+        if moved != 0.0:
+            raise Wrong(f"the weights are right but block(x) differs from x by {moved:.3g}")
+        return ("o_proj and down_proj zeroed, everything else copied, the original untouched: block(x) == x exactly")
+    zero = {k for k, v in got_state.items() if not v.any()}
+    unzeroed = [p for p in OUTPUT_PROJECTIONS if any(k.startswith(p) and k not in zero for k in want_state)]
+    wrongly_zeroed = sorted(k for k in zero if not k.startswith(OUTPUT_PROJECTIONS))
+    problems = []
+    if len(zero) == len(got_state):
+        problems.append("every weight zeroed: the block is the identity but never learns — with all of it zero, "
+                        "every gradient into it is zero too. Zero only o_proj and down_proj")
+    else:
+        for p in unzeroed:
+            branch = "MLP" if "mlp" in p else "attention"
+            name = p.split(".")[-1]
+            problems.append(f"{name} left unzeroed: the {branch} branch still adds to the residual stream, so the copy "
+                            f"is not the identity (block(x) moves x by up to {moved:.3g})" if moved else
+                            f"{name} left unzeroed: zero it — the copy adds 0 here only because of the other "
+                            "weights zeroed")
+        norms = [k for k in wrongly_zeroed if "norm" in k]
+        if norms:
+            problems.append(f"norm weights zeroed ({', '.join(norms)}): the block is the identity that way too, but the "
+                            "zeroed branch's weights get no gradient (notebook 02) — leave the norms as they are")
+        others = [k for k in wrongly_zeroed if "norm" not in k]
+        if others:
+            problems.append(f"also zeroed {', '.join(others)}: only o_proj and down_proj are zeroed; the rest stays a "
+                            "copy of the original block")
+    changed = [k for k in differ if k not in zero and not k.startswith(OUTPUT_PROJECTIONS)]
+    if changed:
+        problems.append(f"changed {', '.join(changed)}: those stay copies of the original block")
+    raise Wrong("; ".join(problems) or f"these weights differ from the expected copy: {', '.join(differ)}")
+
+
+# ---------------------------------------------------------------- lab 04: continual pretraining
+
+
+def _grown_model(seed: int = 0):
+    """(grown model, plan, manifest): a small random Llama of 4 blocks grown by LLaMA Pro to 6 (new: 2 and 5), with
+    the manifest `deepen expand` writes."""
+    plan = llama_pro(4, groups=2)
+    model = grow(_hf_model(n_layers=4, seed=seed), plan)
+    return model, plan, {"base": "a small random Llama", "plan": plan.to_dict(), "new_layers": plan.new_layers}
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+def _listing(items) -> str:
+    return ", ".join(map(str, items))
+
+
+def check_freeze(freeze) -> Result:
+    """freeze(model, manifest): only the blocks in manifest["new_layers"] learn (requires_grad), against
+    deepen.train.select_trainable(model, "llama-pro", new_layers); checked by a backward pass."""
+    return _check("freeze", _freeze, freeze)
+
+
+def _freeze(freeze) -> str:
+    from deepen.train import select_trainable
+
+    model, plan, manifest = _grown_model()
+    want_model = copy.deepcopy(model)
+    select_trainable(want_model, "llama-pro", plan.new_layers)
+    want = {name for name, p in want_model.named_parameters() if p.requires_grad}
+    model.train()  # as in training: model.eval() would switch this off, not freeze anything
+    returned = _call(freeze, model, json.loads(json.dumps(manifest)))
+    if isinstance(returned, nn.Module):
+        model = returned
+    batch = torch.randint(0, model.config.vocab_size, (2, 12), generator=_seeded())
+    loss = model(input_ids=batch, labels=batch).loss
+    if loss.requires_grad:
+        loss.backward()
+    got = {name for name, p in model.named_parameters() if p.grad is not None}
+    if got == want:
+        n = sum(p.numel() for name, p in model.named_parameters() if name in want)
+        total = sum(p.numel() for p in model.parameters())
+        return (f"only blocks {_listing(plan.new_layers)} (the manifest's new_layers) receive gradients: "
+                f"{n:,} of {total:,} parameters train")
+    n_blocks = len(model.model.layers)
+    frozen_blocks = [i for i in range(n_blocks) if i not in plan.new_layers]
+    learning = sorted({_block_of(n) for n in got if _block_of(n) is not None})
+    all_params = {name for name, _ in model.named_parameters()}
+    if not got:
+        raise Wrong(f"nothing receives a gradient: every parameter is frozen. The new blocks "
+                    f"{_listing(plan.new_layers)} (manifest['new_layers']) must learn: requires_grad_(True)")
+    if got == all_params and not model.training:
+        raise Wrong("model.eval() does not freeze anything — it only switches dropout and the like to inference: "
+                    "every block still receives gradients. Set requires_grad_(False) on the frozen parameters")
+    problems = []
+    still = [i for i in frozen_blocks if i in learning]
+    if learning == [i - 1 for i in plan.new_layers] or learning == [i + 1 for i in plan.new_layers]:
+        problems.append(f"off by one: blocks {_listing(learning)} learn; the new blocks are "
+                        f"{_listing(plan.new_layers)} (manifest['new_layers'], positions in the grown model)")
+    elif learning == sorted({plan.sources[i] for i in plan.new_layers}):
+        problems.append(f"blocks {_listing(learning)} learn: those are the base layers the copies came from "
+                        f"(plan sources); the new blocks sit at {_listing(plan.new_layers)} in the grown model "
+                        "(manifest['new_layers'])")
+    elif still:
+        problems.append(f"frozen blocks {_listing(still)} still receive gradients; only the manifest's new blocks "
+                        f"{_listing(plan.new_layers)} should: first requires_grad_(False) on every parameter, then "
+                        "requires_grad_(True) on each new block")
+    missing = sorted({_block_of(n) for n in want - got})
+    if missing and not problems:
+        problems.append(f"new blocks {_listing(missing)} get no gradient (or only part of them): every parameter of "
+                        "a new block learns")
+    outside = sorted(n for n in got - want if _block_of(n) is None)
+    if outside:
+        problems.append(f"{', '.join(outside)} still receive gradients: outside the new blocks everything is frozen "
+                        "(embeddings, the final norm and the head too)")
+    raise Wrong("; ".join(problems) or f"expected gradients on {len(want)} parameters, got {len(got)}")
+
+
+def _reference_step(model, batch, optimizer, zero_grad: bool = True) -> float:
+    loss = model(input_ids=batch, labels=batch).loss  # labels are shifted inside: predict batch[:, 1:]
+    loss.backward()
+    optimizer.step()
+    if zero_grad:
+        optimizer.zero_grad()
+    return loss.item()
+
+
+def check_train_step(train_step) -> Result:
+    """train_step(model, batch, optimizer) -> the loss as a float: forward with next-token labels, backward,
+    optimizer step, gradients cleared. Two steps on a frozen-by-manifest model against the same steps done here."""
+    return _check("train_step", _train_step, train_step)
+
+
+def _train_step(train_step) -> str:
+    from deepen.train import select_trainable
+
+    model, plan, _ = _grown_model()
+    select_trainable(model, "llama-pro", plan.new_layers)
+    models = {k: copy.deepcopy(model) for k in ("student", "reference", "no zero_grad")}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for k, m in models.items()}
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = _seeded(1)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 12), generator=gen) for _ in range(2)]
+
+    def params(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    student, losses = models["student"], []
+    for step, batch in enumerate(batches):
+        want = _reference_step(models["reference"], batch, opts["reference"])
+        _reference_step(models["no zero_grad"], batch, opts["no zero_grad"], zero_grad=False)
+        loss = _call(train_step, student, batch.clone(), opts["student"])
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            raise Wrong("returned the loss tensor; return loss.item(), a float (the tensor keeps the whole graph "
+                        "alive)")
+        if not isinstance(loss, (int, float, torch.Tensor)):
+            raise Wrong(f"returned {type(loss).__name__}; return the loss as a float: loss.item()")
+        loss = float(loss)
+        losses.append(loss)
+        if step == 0 and not math.isclose(loss, want, rel_tol=1e-5, abs_tol=1e-6):
+            with torch.no_grad():
+                ref = copy.deepcopy(model)
+                shifted = ref(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss.item()
+                logits = ref(input_ids=batch).logits
+                unshifted = F.cross_entropy(logits.flatten(0, 1), batch.flatten()).item()
+            for message, wrong in {
+                "labels shifted twice: transformers shifts the labels inside the model — pass labels=input_ids "
+                "(the same tensor), not the next tokens": shifted,
+                "the loss compares each position with its own token: the target at position t is token t + 1 — "
+                "pass labels=input_ids and let the model shift": unshifted,
+            }.items():
+                if math.isclose(loss, wrong, rel_tol=1e-5, abs_tol=1e-6):
+                    raise Wrong(f"{message} (loss {loss:.4f}, expected {want:.4f})")
+            raise Wrong(f"the loss at step 1 is {loss:.4f}, expected {want:.4f} — the next-token loss of "
+                        "model(input_ids=batch, labels=batch)")
+        if step == 0 and all(torch.equal(p, start[n]) for n, p in student.named_parameters()):
+            raise Wrong("the weights did not change: call loss.backward(), then optimizer.step() (before "
+                        "optimizer.zero_grad())")
+    ref, acc = params(models["reference"]), params(models["no zero_grad"])
+    got = params(student)
+    if torch.allclose(got, ref, rtol=1e-5, atol=1e-7):
+        frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
+        assert all(torch.equal(student.state_dict()[n], start[n]) for n in frozen)
+        return (f"two steps match the reference: losses {losses[0]:.4f}, {losses[1]:.4f}; gradients cleared between "
+                "steps; frozen weights unchanged")
+    if torch.allclose(got, acc, rtol=1e-5, atol=1e-7):
+        raise Wrong("gradients accumulate across steps: the second step used the sum of both steps' gradients — call "
+                    "optimizer.zero_grad() every step (after optimizer.step(), or before loss.backward())")
+    reference = dict(models["reference"].named_parameters())
+    diffs = {n: (p.detach() - reference[n].detach()).abs().max().item() for n, p in student.named_parameters()}
+    where = max(diffs, key=diffs.get)
+    raise Wrong(f"the loss is right but the weights after two steps differ from the reference (max difference "
+                f"{diffs[where]:.3g}, in {where}): one forward, loss.backward(), optimizer.step(), "
+                "optimizer.zero_grad() — no extra scaling or clipping here")
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def results() -> list[dict]:
+    """Every check run in this kernel, in order, as dicts (name, status, feedback)."""
+    return [asdict(r) for r in RESULTS.values()]
+
+
+def passed(*names: str) -> bool:
+    """True when each named check has run and passed (a lab runs its extras only then)."""
+    return all(name in RESULTS and RESULTS[name].status == "pass" for name in names)
+
+
+def summary() -> None:
+    """Print the table of this kernel's results: one line per exercise."""
+    if not RESULTS:
+        text = "no checks have run yet"
+    else:
+        width = max(len(name) for name in RESULTS)
+        lines = [f"{MARKS[r.status]} {r.name:<{width}}  {r.status:<8}  {r.feedback.splitlines()[0][:90]}"
+                 for r in RESULTS.values()]
+        done = sum(r.status == "pass" for r in RESULTS.values())
+        text = "\n".join(lines + [f"{done} of {len(RESULTS)} exercises pass"])
+    print(text)
+
+
+def emit() -> None:
+    """Print the results as one JSON line for `deepen grade`."""
+    print(RESULTS_MARKER + json.dumps(results()))

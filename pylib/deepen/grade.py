@@ -1,0 +1,164 @@
+"""Grade lab notebooks: run each one headless, read every exercise's check result from its kernel, and write a
+per-exercise table (results.json, results.csv) — `deepen grade NOTEBOOK... [--out DIR]`, exit 1 unless all pass.
+
+- An exercise is a code cell whose metadata says `"exercise": NAME`; its check is the cell calling
+  `checks.check_NAME(...)`. An exercise whose check never ran (the notebook stopped earlier) is "not run".
+- A notebook that fails outside the exercises (a cell raising, a timeout) gets a row "(notebook)" with status
+  "error", naming the cell and the error.
+- Reference solutions are Python files with one `# %% NAME` section per exercise; `fill(notebook, solutions)`
+  puts them into the exercise cells (`deepen grade --fill-from FOLDER` grades labNN_*.ipynb filled from
+  FOLDER/labNN.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import nbformat
+
+EXERCISE = "exercise"  # the cell metadata key naming the exercise a cell holds
+CHECK_CALL = re.compile(r"\bcheck_(\w+)\s*\(")
+SECTION = re.compile(r"^# %% (\w+)\s*$", re.MULTILINE)
+FIELDS = ("notebook", "exercise", "status", "feedback")
+
+
+def exercises(nb) -> list[str]:
+    """The exercises of a notebook in order: the names of the checks its cells call."""
+    names = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            names += [n for n in CHECK_CALL.findall(cell.source) if n not in names]
+    return names
+
+
+def read_solutions(path: str | os.PathLike) -> dict[str, str]:
+    """{exercise name: code} from a solutions file's `# %% NAME` sections (the text before the first is ignored)."""
+    text = Path(path).read_text()
+    parts = SECTION.split(text)
+    return {name: code.strip() + "\n" for name, code in zip(parts[1::2], parts[2::2])}
+
+
+def solutions_file(notebook: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """FOLDER/labNN.py for a notebook named labNN_topic.ipynb."""
+    path = Path(folder) / (Path(notebook).stem.split("_")[0] + ".py")
+    if not path.is_file():
+        raise FileNotFoundError(f"no solutions for {Path(notebook).name}: {path} not found")
+    return path
+
+
+def fill(nb, solutions: str | os.PathLike | dict[str, str]):
+    """A copy of notebook `nb` with each exercise cell's code replaced by its solution."""
+    code = solutions if isinstance(solutions, dict) else read_solutions(solutions)
+    nb = nbformat.from_dict(json.loads(json.dumps(nb)))
+    cells = {cell.metadata.get(EXERCISE): cell for cell in nb.cells if cell.metadata.get(EXERCISE)}
+    if set(code) != set(cells):
+        raise ValueError(f"the solutions ({', '.join(sorted(code))}) do not match the notebook's exercise cells "
+                         f"({', '.join(sorted(cells))})")
+    for name, cell in cells.items():
+        cell.source = code[name].rstrip("\n")
+    return nb
+
+
+def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
+    """Execute a lab notebook (or `nb`, e.g. a filled copy, in the notebook's folder); return one row per exercise,
+    and a "(notebook)" row if the notebook failed outside its exercises."""
+    from nbclient import NotebookClient
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4) if nb is None else nb
+    expected = exercises(nb)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    error, found = None, []
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            try:
+                client.execute_cell(cell, index)
+            except Exception as e:  # noqa: BLE001 — CellExecutionError, a timeout, a dead kernel: reported, not raised
+                name, value = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e).strip().splitlines()[-1:])
+                error = f"cell {index + 1} raised {name}: {value if isinstance(value, str) else ' '.join(value)}"
+                break
+        collect = nbformat.v4.new_code_cell("import deepen.checks\ndeepen.checks.emit()")
+        nb.cells.append(collect)
+        try:
+            client.execute_cell(collect, len(nb.cells) - 1)
+            found = _emitted(collect)
+        except Exception as e:  # noqa: BLE001
+            error = error or f"the results could not be read: {e}"
+        finally:
+            nb.cells.pop()
+    by_name = {r["name"]: r for r in found}
+    rows = []
+    for name in dict.fromkeys([*expected, *by_name]):
+        r = by_name.get(name, {"status": "not run", "feedback": f"the check did not run: the notebook stopped first "
+                                                              f"({error})" if error else "the check did not run"})
+        rows.append({"notebook": path.name, "exercise": name, "status": r["status"], "feedback": r["feedback"]})
+    if error:
+        rows.append({"notebook": path.name, "exercise": "(notebook)", "status": "error", "feedback": error})
+    return rows
+
+
+def _emitted(cell) -> list[dict]:
+    from deepen.checks import RESULTS_MARKER
+
+    for output in cell.outputs:
+        for line in output.get("text", "").splitlines():
+            if line.startswith(RESULTS_MARKER):
+                return json.loads(line[len(RESULTS_MARKER):])
+    return []
+
+
+def grade(notebooks: list[str | os.PathLike], out: str | os.PathLike, solutions: str | os.PathLike | None = None,
+          timeout: int = 600) -> list[dict]:
+    """Run each notebook (filled from `solutions`, a folder of labNN.py, if given); write out/results.json and
+    out/results.csv; return the rows."""
+    rows = []
+    for notebook in notebooks:
+        nb = nbformat.read(notebook, as_version=4)
+        if solutions is not None:
+            nb = fill(nb, solutions_file(notebook, solutions))
+        rows += run(notebook, nb, timeout)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    passed = all(r["status"] == "pass" for r in rows)
+    (out / "results.json").write_text(json.dumps({"passed": passed, "results": rows}, indent=2, ensure_ascii=False) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def table(rows: list[dict], width: int = 100) -> str:
+    """The rows as a text table, one line per exercise, feedback cut to fit."""
+    if not rows:
+        return "no notebooks graded"
+    w = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("notebook", "exercise", "status")}
+    lines = [f"{'notebook':<{w['notebook']}}  {'exercise':<{w['exercise']}}  {'status':<{w['status']}}  feedback"]
+    for r in rows:
+        feedback = r["feedback"].replace("\n", " ")
+        room = max(width - sum(w.values()) - 6, 30)
+        lines.append(f"{r['notebook']:<{w['notebook']}}  {r['exercise']:<{w['exercise']}}  {r['status']:<{w['status']}}  "
+                     f"{feedback[:room - 1] + '…' if len(feedback) > room else feedback}")
+    done = sum(r["status"] == "pass" for r in rows)
+    return "\n".join(lines + [f"{done} of {len(rows)} pass"])
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="lab notebooks to run and grade (.ipynb)")
+    parser.add_argument("--out", default="grades", help="folder for results.json and results.csv (default grades)")
+    parser.add_argument("--fill-from", metavar="FOLDER",
+                        help="fill each labNN_*.ipynb's exercise cells from FOLDER/labNN.py first (reference solutions)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds one cell may run (default 600)")
+
+
+def main(args) -> int:
+    rows = grade(args.notebooks, args.out, args.fill_from, args.timeout)
+    print(table(rows))
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'results.csv'}")
+    return 0 if all(r["status"] == "pass" for r in rows) else 1
