@@ -1,4 +1,4 @@
-"""`deepen plan | expand | verify | train | eval | budget | reproduce | demo` — thin wrappers over the library."""
+"""`deepen plan | expand | verify | train | eval | budget | reproduce | grade | demo` — thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                                          "DUS recovery): CSVs, figures and the claims beside the measurements")
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)
+
+    from deepen import grade
+
+    p = sub.add_parser("grade", help="run lab notebooks headless; write each exercise's result (JSON, CSV); exit 1 "
+                                     "unless all pass")
+    grade.add_arguments(p)
+    p.set_defaults(func=grade.main)
 
     p = sub.add_parser("demo", help="the main story on the built-in offline defaults")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its models and results (default runs/demo)")
