@@ -315,8 +315,9 @@ class AttentionExplorer(Explorer):
         sns.lineplot(data=self.rope.melt("distance", var_name="q = k", value_name="score"), x="distance",
                      y="score", hue="q = k", ax=right)
         right.axvline(distance, color="grey", ls="--", lw=1)
+        sns.move_legend(right, "upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, title=None, frameon=False)
         right.set(title=f"RoPE: score of identical q, k (head_dim {c.head_dim}, theta {c.rope_theta:,.0f})",
-                  xlabel="distance m - n (tokens)", ylabel="<R_m q, R_n q> / |q|²")
+                  xlabel="distance m - n (tokens)", ylabel=r"$\langle R_m q, R_n q\rangle \,/\, \|q\|^2$")
         self._draw(fig)
 
         top = pattern.argmax(-1)
