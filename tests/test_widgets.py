@@ -7,7 +7,8 @@ import yaml
 
 from deepen import budget as B
 from deepen.config import load_config
-from deepen.widgets import NO_RUNS, attention_explorer, plan_explorer, results_explorer, rope_scores
+from deepen.widgets import (NO_RUNS, attention_explorer, plan_explorer, results_explorer, rope_scores, runs_folder,
+                            setting_label)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,7 @@ def test_results_explorer_final_numbers(two_runs):
     assert (pro["forgetting"], pro["gain"]) == (1.5, 10.0)
     assert (full["loss"], full["forgetting"], full["gain"]) == (2.5, 3.0, 50.0)
     assert pro["method"] == "llama-pro" and pro["grow"] == "llama-pro(groups=2, copies=1, placement=interleave)"
+    assert pro["setting"] == "llama-pro, grow llama-pro(groups=2, copies=1, placement=interleave)"
     assert "2 of 2 runs" in explorer.summary and "tiny/pro" in explorer.summary
 
     assert list(explorer.data["loss"]) == [5.0, 3.0, 2.5, 5.0, 4.0, 3.0]  # loss against step, both runs
@@ -136,3 +138,12 @@ def test_results_explorer_without_runs(tmp_path):
     assert explorer.summary == NO_RUNS.format(root=tmp_path / "nothing")
     assert "make reproduce" in explorer.summary and explorer.figure is None
     assert "image/png" not in explorer._repr_mimebundle_()
+
+
+def test_setting_labels_and_the_runs_folder(tmp_path, monkeypatch):
+    assert setting_label({"method": "lora", "lora": {"r": 4}, "grow": None}) == "lora r=4"
+    assert setting_label({"method": "blocks", "blocks": [3, 7]}) == "blocks [3, 7]"
+    assert setting_label({"method": "full", "grow": {"method": "dus", "drop": 2}}) == "full, grow dus(drop=2)"
+    monkeypatch.chdir(tmp_path)  # as a notebook in notebooks/: a relative folder is read from the repository
+    assert runs_folder("tests") == ROOT / "tests"
+    assert runs_folder("no-such-runs") == Path("no-such-runs")

@@ -360,9 +360,33 @@ def grow_label(config: dict) -> str:
     return f"{method}({', '.join(f'{k}={grow[k]}' for k in USES.get(method, ()) if grow.get(k) is not None)})"
 
 
+def setting_label(config: dict) -> str:
+    """What a run trains, without its seed: the method (with LoRA's rank or the blocks it trains) and the grow,
+    e.g. "llama-pro, grow llama-pro(groups=2, copies=1, placement=interleave)"; runs that differ only in their
+    seed share it."""
+    method = config.get("method", "?")
+    if method == "lora":
+        method += f" r={(config.get('lora') or {}).get('r', '?')}"
+    if method == "blocks":
+        method += f" {config.get('blocks')}"
+    grow = grow_label(config)
+    return method if grow == "none" else f"{method}, grow {grow}"
+
+
+def runs_folder(runs: str | Path) -> Path:
+    """`runs` as given; a relative path that is not in the working directory is read from the repository (a
+    notebook runs in notebooks/, `make reproduce` writes runs/reproduce at the top)."""
+    path = Path(runs)
+    repo = Path(__file__).resolve().parents[2]
+    if not path.is_absolute() and not path.exists() and (repo / "pyproject.toml").is_file() and (repo / path).exists():
+        return repo / path
+    return path
+
+
 def read_runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(records, runs) of every run under `root` (a folder holding metrics.jsonl, written by deepen.train.train).
-    records: one row per logged step, with the run's name (its folder relative to root), method and grow;
+    records: one row per logged step, with the run's name (its folder relative to root), method, grow and
+    setting (`setting_label`: what the run trains, without its seed);
     runs: one row per run with its final numbers, forgetting (general ppl after / before) and gain (domain ppl
     before / after). A partly written last line (a run in progress) is skipped."""
     root = Path(root)
@@ -372,7 +396,8 @@ def read_runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         name = folder.relative_to(root).as_posix() if folder != root else root.name
         config_path = folder / "config.yaml"
         config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-        run = {"run": name, "method": config.get("method", "?"), "grow": grow_label(config)}
+        run = {"run": name, "method": config.get("method", "?"), "grow": grow_label(config),
+               "setting": setting_label(config)}
         rows = []
         for line in path.read_text().splitlines():
             try:
@@ -399,11 +424,11 @@ def read_runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 class ResultsExplorer(Explorer):
-    """Pick runs, a metric and the x axis: one curve per run (or per method, per grow: runs that share it are
-    averaged, with a band); or every run's forgetting against its gain."""
+    """Pick runs, a metric and the x axis: one curve per run (or per method, grow or setting: runs that share it,
+    e.g. the seeds of one setting, are averaged, with a band); or every run's forgetting against its gain."""
 
     def __init__(self, runs: str | Path = "runs/reproduce", metric="loss", x="step", by="run", view="curves"):
-        self.root = Path(runs)
+        self.root = runs_folder(runs)
         self.records, self.runs = read_runs(self.root)
         names = list(self.runs["run"]) if len(self.runs) else []
         self.controls = {
@@ -413,7 +438,7 @@ class ResultsExplorer(Explorer):
                                           style=STYLE),
             "metric": dropdown("metric", list(METRICS), metric),
             "x": widgets.ToggleButtons(options=["step", "tokens"], value=x, description="x axis", style=STYLE),
-            "by": dropdown("by", ["run", "method", "grow"], by, "colour by"),
+            "by": dropdown("by", ["run", "setting", "method", "grow"], by, "colour by"),
         }
         self.output, self.image = widgets.HTML(), widgets.Image()
         controls = list(self.controls.values())
@@ -431,7 +456,7 @@ class ResultsExplorer(Explorer):
         v = {k: c.value for k, c in self.controls.items()}
         self.controls["metric"].disabled = self.controls["x"].disabled = v["view"] != "curves"
         chosen = self.runs[self.runs["run"].isin(v["runs"])]
-        table = chosen.drop(columns=["method", "grow"]).set_index("run")
+        table = chosen.drop(columns=["method", "grow", "setting"]).set_index("run")
         self.summary = (f"{len(chosen)} of {len(self.runs)} runs under {self.root}, final numbers; forgetting = "
                         f"general ppl after / before, gain = domain ppl before / after\n"
                         + table.to_string(float_format=lambda f: f"{f:,.0f}" if abs(f) >= 1000 else f"{f:.3g}"))
@@ -439,7 +464,7 @@ class ResultsExplorer(Explorer):
         ax = fig.subplots()
         if v["view"] == "curves":
             records = self.records[self.records["run"].isin(v["runs"])]
-            self.data = records[["run", "method", "grow", v["x"], v["metric"]]].dropna() \
+            self.data = records[["run", "method", "grow", "setting", v["x"], v["metric"]]].dropna() \
                 if v["metric"] in records else pd.DataFrame()
             if len(self.data):
                 sns.lineplot(data=self.data, x=v["x"], y=v["metric"], hue=v["by"],
@@ -466,6 +491,7 @@ def results_explorer(runs: str | Path = "runs/reproduce", **defaults) -> Results
     """Every continual-pretraining run under the folder `runs` (each a folder with config.yaml and metrics.jsonl
     from `deepen train`): pick runs, a metric (loss, ppl_general, ppl_domain, lr, tokens_per_s) and the x axis
     (step or tokens) for a line plot, or view forgetting (general perplexity after/before) against gain (domain
-    perplexity before/after). The text form is the table of final numbers per run. defaults: metric ("loss"),
-    x ("step"), by ("run", "method" or "grow"), view ("curves" or "forgetting vs gain")."""
+    perplexity before/after). The text form is the table of final numbers per run. A relative `runs` missing
+    from the working directory is read from the repository. defaults: metric ("loss"), x ("step"), by ("run",
+    "setting", "method" or "grow"), view ("curves" or "forgetting vs gain")."""
     return ResultsExplorer(runs, **defaults)
