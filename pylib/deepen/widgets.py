@@ -251,10 +251,10 @@ def attention_weights(model, input_ids: torch.Tensor) -> torch.Tensor:
     before = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        out = model(input_ids, output_attentions=True)
+        out = model(input_ids.to(model.device), output_attentions=True)
     finally:
         model.set_attn_implementation(before)
-    return torch.stack([a[0] for a in out.attentions]).float()
+    return torch.stack([a[0] for a in out.attentions]).float().cpu()
 
 
 def rope_scores(head_dim: int, theta: float, distances: int, pair: int) -> tuple[torch.Tensor, torch.Tensor]:
