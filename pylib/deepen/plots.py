@@ -19,9 +19,9 @@ def figures_dir() -> Path:
     return repo / "figures" if (repo / "pyproject.toml").is_file() else Path("figures")
 
 
-def save(fig: plt.Figure, name: str) -> Path:
-    """Write `fig` as figures/<name>.png (atomically) and return the path."""
-    out = figures_dir()
+def save(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Path:
+    """Write `fig` as figures/<name>.png (or <folder>/<name>.png), atomically, and return the path."""
+    out = Path(folder) if folder is not None else figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
     tmp = path.with_suffix(".tmp.png")

@@ -129,7 +129,7 @@ def _ordinal(k: int) -> str:
 
 
 def _one(args: tuple) -> dict:
-    """Train one run (in a worker process) and return its record."""
+    """Train one run (in a worker process); a finished run returns at once."""
     config_path, overrides, out, threads = args
     import torch
 
@@ -138,16 +138,16 @@ def _one(args: tuple) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    start = time.perf_counter()
     train(load_config(config_path, list(overrides) + [f"out={out}"]), progress=False)
-    return {"out": str(out), "seconds": time.perf_counter() - start}
 
 
 def run(rung: str = "tiny", seeds: int = 2, jobs: int = 2, overrides: list[str] = (), root: str | Path | None = None,
-        experiments: tuple[str, ...] = EXPERIMENTS, threads: int | None = 1, progress: bool = True) -> pd.DataFrame:
+        experiments: tuple[str, ...] = EXPERIMENTS, threads: int | None = 1, progress: bool = True,
+        out: str | Path | None = None) -> pd.DataFrame:
     """Run (or pick up the finished) runs of `experiments` for `seeds` seeds with `jobs` processes; write the
-    CSVs and figures; return the per-run results. `overrides` apply to every run (e.g. train.steps=20); runs
-    with overrides go to their own folder, so they never mix with the default ones."""
+    CSVs and figures into `out` (default figures/); return the per-run results. `overrides` apply to every run
+    (e.g. train.steps=20); runs with overrides go to their own folder, so they never mix with the default ones.
+    threads: torch threads per run (None: as they are)."""
     from tqdm.auto import tqdm
 
     from deepen import plots
@@ -160,7 +160,7 @@ def run(rung: str = "tiny", seeds: int = 2, jobs: int = 2, overrides: list[str] 
         raise ValueError(f"seeds and jobs must be at least 1, got seeds={seeds}, jobs={jobs}")
     if root is None:
         suffix = "-" + hashlib.sha256(json.dumps(list(overrides)).encode()).hexdigest()[:8] if overrides else ""
-        root = Path("runs") / "reproduce" / f"{rung}{suffix}"
+        root = runs_dir() / f"{rung}{suffix}"
     root = Path(root)
     entries = [e for e in plan_runs(rung, overrides) if e.experiment in experiments]
     todo = {}
@@ -169,32 +169,34 @@ def run(rung: str = "tiny", seeds: int = 2, jobs: int = 2, overrides: list[str] 
             todo[(e.run.name, seed)] = (str(REPO / RUNGS[rung]),
                                         (*overrides, *e.run.overrides, f"train.seed={seed}"),
                                         root / f"{e.run.name}-s{seed}", threads)
-    seconds = {}
     bar = tqdm(total=len(todo), desc=f"reproduce {rung}: {len(todo)} runs", disable=not progress)
     if jobs == 1:
-        for key, args in todo.items():
-            seconds[key] = _one(args)["seconds"]
+        for args in todo.values():
+            _one(args)
             bar.update()
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_one, args): key for key, args in todo.items()}
-            for future in as_completed(futures):
-                seconds[futures[future]] = future.result()["seconds"]
+            for future in as_completed([pool.submit(_one, args) for args in todo.values()]):
+                future.result()  # a failed run fails the whole reproduction, with its error
                 bar.update()
     bar.close()
 
-    results = pd.DataFrame([_row(e, seed, root / f"{e.run.name}-s{seed}", seconds[(e.run.name, seed)])
-                            for e in entries for seed in range(seeds)])
+    results = pd.DataFrame([_row(e, seed, root / f"{e.run.name}-s{seed}") for e in entries for seed in range(seeds)])
     summary = summarise(results)
     claims = check_claims(summary)
     prefix = f"05_{rung}"
-    out = plots.figures_dir()
+    out = Path(out) if out is not None else plots.figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / f"{prefix}_results.csv", index=False, float_format="%.6g")
     summary.to_csv(out / f"{prefix}_summary.csv", index=False, float_format="%.6g")
     claims.to_csv(out / f"{prefix}_claims.csv", index=False)
-    figures(results, root, prefix)
+    figures(results, prefix, out)
     return results
+
+
+def runs_dir() -> Path:
+    """runs/reproduce in the repository (else in the working directory): where every rung's runs live."""
+    return (REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()) / "runs" / "reproduce"
 
 
 def _metrics(folder: Path) -> list[dict]:
@@ -203,7 +205,7 @@ def _metrics(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / METRICS).read_text().splitlines()]
 
 
-def _row(entry: Entry, seed: int, folder: Path, seconds: float) -> dict:
+def _row(entry: Entry, seed: int, folder: Path) -> dict:
     import yaml
 
     records = _metrics(folder)
@@ -223,7 +225,10 @@ def _row(entry: Entry, seed: int, folder: Path, seconds: float) -> dict:
         "domain_ppl_start": first["ppl_domain"], "domain_ppl_end": last["ppl_domain"],
         "final_loss": steps[-1]["loss"] if steps else math.nan,
         "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / len(steps) if steps else math.nan,
-        "seconds": round(seconds, 1), "folder": str(folder),
+        # each step's record: tokens_per_s = tokens of the step / its seconds (evaluation not counted)
+        "train_seconds": sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(records, records[1:])
+                             if "tokens_per_s" in b),
+        "folder": str(folder),
     }
 
 
@@ -237,7 +242,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     df["forgetting"] = df["general_ppl_end"] / general_base
     df["gain"] = df["domain_ppl_start"] / df["domain_ppl_end"]
     keep = ["layers", "params", "trainable_params", "general_ppl_start", "general_ppl_end", "domain_ppl_start",
-            "domain_ppl_end", "forgetting", "gain", "tokens_per_s", "seconds"]
+            "domain_ppl_end", "forgetting", "gain", "tokens_per_s", "train_seconds"]
     grouped = df.groupby(["experiment", "variant", "run"], sort=False)
     summary = grouped[keep].mean().reset_index()
     summary["seeds"] = grouped.size().values
@@ -307,7 +312,7 @@ def check_claims(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["claim", "paper", "measured", "holds_here"])
 
 
-def figures(results: pd.DataFrame, root: Path, prefix: str) -> list[Path]:
+def figures(results: pd.DataFrame, prefix: str, out: str | Path | None = None) -> list[Path]:
     """The experiments as figures: forgetting against gain per method, placement and block count, and the
     recovery curves. Returns the paths written."""
     import matplotlib.pyplot as plt
@@ -336,7 +341,7 @@ def figures(results: pd.DataFrame, root: Path, prefix: str) -> list[Path]:
                    ylabel="gain: domain perplexity start / end (higher is better)", title=experiment)
             ax.legend(fontsize=7)
         fig.suptitle("Domain gain against general forgetting (each point one seed)")
-        paths.append(plots.save(fig, f"{prefix}_forgetting_vs_gain"))
+        paths.append(plots.save(fig, f"{prefix}_forgetting_vs_gain", out))
         plt.close(fig)
     curves = []
     for _, row in results.iterrows():
@@ -354,7 +359,7 @@ def figures(results: pd.DataFrame, root: Path, prefix: str) -> list[Path]:
             sns.lineplot(data=part, x="tokens", y=metric, hue="variant", marker="o", errorbar=("pi", 100), ax=ax)
             ax.set(yscale="log", ylabel=f"held-out {metric} perplexity", xlabel="training tokens",
                    title=f"{experiment}: {metric} text")
-        paths.append(plots.save(fig, f"{prefix}_{experiment}_curves"))
+        paths.append(plots.save(fig, f"{prefix}_{experiment}_curves", out))
         plt.close(fig)
     return paths
 
@@ -366,6 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs at once, one process each (default: 2; use 1 on one GPU)")
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma list of {', '.join(EXPERIMENTS)}")
     parser.add_argument("--root", help="folder of the runs (default runs/reproduce/<rung>)")
+    parser.add_argument("--out", help="folder for the CSVs and figures (default figures/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run, e.g. train.steps=20")
 
 
@@ -375,10 +381,10 @@ def main(args: argparse.Namespace) -> int:
 
     threads = 1 if not torch.accelerator.is_available() else None  # CPU: one thread per process is fastest here
     results = run(args.rung, args.seeds, args.jobs, args.overrides, args.root, tuple(args.experiments.split(",")),
-                  threads=threads)
+                  threads=threads, out=args.out)
     from deepen import plots
 
-    out = plots.figures_dir()
+    out = Path(args.out) if args.out else plots.figures_dir()
     prefix = f"05_{args.rung}"
     summary = pd.read_csv(out / f"{prefix}_summary.csv")
     cols = ["experiment", "variant", "trainable_params", "general_ppl_end", "domain_ppl_end", "forgetting", "gain"]
