@@ -428,7 +428,7 @@ class ResultsExplorer(Explorer):
     e.g. the seeds of one setting, are averaged, with a band); or every run's forgetting against its gain."""
 
     def __init__(self, runs: str | Path = "runs/reproduce", metric="loss", x="step", by="run", view="curves"):
-        self.root = runs_folder(runs)
+        self.root, self.shown = runs_folder(runs), Path(runs)  # shown: as given, no machine's path in a notebook
         self.records, self.runs = read_runs(self.root)
         names = list(self.runs["run"]) if len(self.runs) else []
         self.controls = {
@@ -449,7 +449,7 @@ class ResultsExplorer(Explorer):
 
     def _update(self) -> None:
         if not len(self.runs):
-            self.data, self.summary = pd.DataFrame(), NO_RUNS.format(root=self.root)
+            self.data, self.summary = pd.DataFrame(), NO_RUNS.format(root=self.shown)
             self._draw(None)
             self.output.value = f"<pre>{html.escape(self.summary)}</pre>"
             return
@@ -457,7 +457,7 @@ class ResultsExplorer(Explorer):
         self.controls["metric"].disabled = self.controls["x"].disabled = v["view"] != "curves"
         chosen = self.runs[self.runs["run"].isin(v["runs"])]
         table = chosen.drop(columns=["method", "grow", "setting"]).set_index("run")
-        self.summary = (f"{len(chosen)} of {len(self.runs)} runs under {self.root}, final numbers; forgetting = "
+        self.summary = (f"{len(chosen)} of {len(self.runs)} runs under {self.shown}, final numbers; forgetting = "
                         f"general ppl after / before, gain = domain ppl before / after\n"
                         + table.to_string(float_format=lambda f: f"{f:,.0f}" if abs(f) >= 1000 else f"{f:.3g}"))
         fig = Figure(figsize=(9, 5), layout="constrained")
