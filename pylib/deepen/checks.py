@@ -694,8 +694,8 @@ def _freeze(freeze) -> str:
     if got == want:
         n = sum(p.numel() for name, p in model.named_parameters() if name in want)
         total = sum(p.numel() for p in model.parameters())
-        return (f"only blocks {_listing(plan.new_layers)} (the manifest's new_layers) receive gradients: "
-                f"{n:,} of {total:,} parameters train")
+        return (f"on a {plan.n_base}-block model grown to {plan.n_layers}, only the manifest's new blocks "
+                f"({_listing(plan.new_layers)}) receive gradients: {n:,} of {total:,} parameters train")
     n_blocks = len(model.model.layers)
     frozen_blocks = [i for i in range(n_blocks) if i not in plan.new_layers]
     learning = sorted({_block_of(n) for n in got if _block_of(n) is not None})
@@ -795,8 +795,8 @@ def _train_step(train_step) -> str:
     if torch.allclose(got, ref, rtol=1e-5, atol=1e-7):
         frozen = [n for n, p in student.named_parameters() if not p.requires_grad]
         assert all(torch.equal(student.state_dict()[n], start[n]) for n in frozen)
-        return (f"two steps match the reference: losses {losses[0]:.4f}, {losses[1]:.4f}; gradients cleared between "
-                "steps; frozen weights unchanged")
+        return (f"two steps on a small grown model match the reference (losses {losses[0]:.4f}, {losses[1]:.4f}); "
+                "gradients cleared between steps; frozen weights unchanged")
     if torch.allclose(got, acc, rtol=1e-5, atol=1e-7):
         raise Wrong("gradients accumulate across steps: the second step used the sum of both steps' gradients — call "
                     "optimizer.zero_grad() every step (after optimizer.step(), or before loss.backward())")
