@@ -90,21 +90,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deepen.evaluate import evaluate
+    from deepen.evaluate import benchmarks, evaluate
     from deepen.train import model_path
 
     path = model_path(args.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype)).eval()
-    results = evaluate(model, AutoTokenizer.from_pretrained(path), args.data.split(","), args.seq_len, args.blocks,
-                       args.batch_size)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = args.data or ("" if args.tasks else "general,code")
+    results = evaluate(model, tokenizer, data.split(","), args.seq_len, args.blocks, args.batch_size) if data else {}
+    scores = benchmarks(model, args.tasks, tokenizer=tokenizer, limit=args.limit, num_fewshot=args.num_fewshot,
+                        batch_size=args.batch_size, include_path=args.include_path,
+                        confirm_run_unsafe_code=args.confirm_run_unsafe_code) if args.tasks else {}
     if args.json:
-        print(json.dumps(results, indent=2))
-    else:
+        print(json.dumps({**results, **scores}, indent=2))
+        return 0
+    if results:
         print(f"{'corpus':<12} {'perplexity':>12} {'tokens':>10}")
         for corpus, r in results.items():
             print(f"{corpus:<12} {r['perplexity']:>12.2f} {r['tokens']:>10,}")
+    if scores:
+        print(f"{'task':<28} {'metric':<28} {'value':>8} {'stderr':>8}")
+        for task, metrics in scores.items():
+            for metric, value in metrics.items():
+                name, comma, filt = metric.partition(",")
+                if not name.endswith("_stderr"):
+                    stderr = metrics.get(f"{name}_stderr{comma}{filt}")
+                    print(f"{task:<28} {metric:<28} {value:>8.4f} {'' if stderr is None else f'{stderr:.4f}':>8}")
     return 0
 
 
@@ -154,14 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50 out=runs/x")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="held-out perplexity of a model per corpus (general: forgetting, domain: gain)")
+    p = sub.add_parser("eval", help="held-out perplexity of a model per corpus (general: forgetting, domain: gain), "
+                                     "and lm-evaluation-harness benchmarks (--tasks)")
     p.add_argument("model", help="model folder, hub id, smollm2 or tiny-base")
-    p.add_argument("--data", default="general,code", help="comma-separated corpora: built-ins, files or hub ids "
-                                                           "(default general,code)")
+    p.add_argument("--data", help="comma-separated corpora: built-ins, files or hub ids "
+                                  "(default general,code; none when --tasks is given)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--blocks", type=int, default=64, help="held-out blocks per corpus (default 64)")
-    p.add_argument("--batch-size", type=int, default=8, help="blocks per forward (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks (or harness requests) per forward (default 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (default float32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when present)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, or a paper's benchmarks: solar (Open LLM "
+                                   "Leaderboard six) or llama-pro (those + HumanEval, MBPP); hub datasets need "
+                                   "a connection")
+    p.add_argument("--limit", type=float, help="--tasks: examples per task (a fraction when < 1), for a quick look")
+    p.add_argument("--num-fewshot", type=int, help="--tasks: few-shot examples for every task (default: each "
+                                                   "task's or paper's own)")
+    p.add_argument("--include-path", action="append", metavar="DIR",
+                   help="--tasks: a folder of local task YAMLs (repeatable)")
+    p.add_argument("--confirm-run-unsafe-code", action="store_true",
+                   help="--tasks: allow tasks that execute generated code (HumanEval, MBPP)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_eval)
 
