@@ -268,8 +268,11 @@ def head_activation_bytes(shape: Shape, trainable: bool, act_bytes: int = 2) -> 
 
 
 def activation_bytes(shape: Shape, checkpointing: bool, act_bytes: int = 2) -> dict[str, float]:
-    """Bytes per token of activations: what the layers keep for the backward, and the logits (the e·V logits the
-    model returns, plus at the start of the backward the gradients of the fp32 and the e-byte logits).
+    """Bytes per token of activations: what the layers keep for the backward, and the logits at their peak, the
+    start of the backward: the gradient of the fp32 log-probabilities and, from log-softmax's backward, the
+    gradient of the fp32 logits (4V each, whatever the activation dtype). By then the training loop has dropped
+    the model's output, so the e-byte logits and their fp32 copy are gone (the log-probabilities log-softmax
+    keeps are in the head's share); at the end of the forward they were e·V + 4V <= 8V.
     With per-layer checkpointing a layer keeps only its input (e·h) and one layer at a time is recomputed."""
     kept, largest = 0, 0
     grad_below = shape.stages[0].trainable > 0  # trainable embeddings: gradients flow through every layer
@@ -285,7 +288,7 @@ def activation_bytes(shape: Shape, checkpointing: bool, act_bytes: int = 2) -> d
     embeddings = 8 if shape.stages[0].trainable else 0  # a trainable embedding keeps the int64 token ids
     layers = (embeddings + kept + (largest if checkpointing else 0)
               + head_activation_bytes(shape, head.trainable > 0, act_bytes))
-    logits = act_bytes * shape.vocab + (4 + act_bytes) * shape.vocab
+    logits = (4 + 4) * shape.vocab
     return {"activations": layers, "logits": logits}
 
 
@@ -303,13 +306,21 @@ def state_bytes(strategy: str, precision: str) -> dict[str, int]:
 
 
 def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointing: bool,
-           precision: str = "bf16") -> dict[str, float]:
-    """Bytes per GPU, by component.
+           precision: str = "bf16", accumulation: float = 1) -> dict[str, float]:
+    """Bytes per GPU, by component, all counted as live at once (an upper bound: with one micro-batch per step
+    the gradients only build up as the activations are freed, so the true peak can be lower by up to the
+    gradients; with gradient accumulation the gradients of earlier micro-batches are there from the start).
       - frozen weights: 2 bytes each in bf16 (4 in fp32), and trainable weights, gradients and AdamW state
         (`state_bytes`), all divided over the GPUs by fsdp and zero3, replicated by ddp;
       - gathered (fsdp, zero3 on >1 GPU): the root module (embeddings, norm, head) stays gathered in 16-bit from
         forward to backward, plus two layers in flight (the one computing and the one prefetched), plus one
         trainable layer's unsharded fp32 gradients before the reduce-scatter;
+      - accumulated gradients (fsdp on >1 GPU with accumulation > 1): accelerate's `accumulate` skips the
+        gradient sync on all but the last micro-batch (FSDP2 `set_requires_gradient_sync(False)`), so FSDP2
+        keeps every trainable parameter's *unsharded* gradient in the compute dtype (2 bytes in bf16) until the
+        reduce-scatter — not divided by the GPU count. (Syncing every micro-batch instead — accelerate's
+        GradientAccumulationPlugin(sync_each_batch=True) — trades this memory for a reduce-scatter per
+        micro-batch. DeepSpeed ZeRO-3 reduces every micro-batch: none.)
       - ddp buckets (>1 GPU): DDP's gradient buckets, a second fp32 copy of the trainable gradients;
       - activations and logits: `activation_bytes` × micro_batch × seq_len, never sharded (data parallel).
     """
@@ -330,6 +341,8 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     if gpus > 1 and strategy == "ddp":
         buckets = trainable * 4.0
     out["gathered layers"] = gathered
+    out["accumulated gradients"] = (trainable * frozen_bytes if strategy == "fsdp" and gpus > 1 and accumulation > 1
+                                    else 0.0)
     out["ddp buckets"] = buckets
     act_bytes = 2 if precision == "bf16" else 4
     tokens = micro_batch * shape.seq_len
@@ -448,7 +461,8 @@ def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0,
                   global_batch=t.global_batch, checkpointing=checkpointing, params=shape.params,
                   trainable=shape.trainable, flops=training_flops(shape.stages, checkpointing),
                   flops_full=training_flops(full.stages, checkpointing),
-                  memory=memory(shape, strategy, gpus, micro_batch, checkpointing, t.precision),
+                  memory=memory(shape, strategy, gpus, micro_batch, checkpointing, t.precision,
+                                t.global_batch / (micro_batch * gpus)),
                   mfu=mfu, gpu_tflops=gpu_tflops, tokens=tokens, notes=notes)
 
 
