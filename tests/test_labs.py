@@ -306,24 +306,34 @@ def test_a_lab_filled_with_its_solutions_passes(lab, tmp_path, capsys):
 def test_unfilled_labs_run_to_the_end_and_report_not_done(tmp_path):
     assert main(["grade", *map(str, LABS), "--out", str(tmp_path)]) == 1
     rows = _graded(tmp_path)
-    expected = [(lab.name, name) for lab in LABS for name in exercises(nbformat.read(lab, as_version=4))]
+    expected = [(str(lab), name) for lab in LABS for name in exercises(nbformat.read(lab, as_version=4))]
     assert [(r["notebook"], r["exercise"]) for r in rows] == expected  # no "(notebook)" error row
     assert {r["status"] for r in rows} == {"not done"}
     assert not any("Traceback" in r["feedback"] for r in rows)
 
 
-def test_an_error_outside_the_exercises_is_reported(tmp_path):
+def test_errors_in_and_outside_the_exercises_are_reported(tmp_path):
+    def exercise(name, source):
+        cell = nbformat.v4.new_code_cell(source)
+        cell.metadata[EXERCISE] = name
+        return cell
+
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("from deepen import checks"),
-        nbformat.v4.new_code_cell("checks.check_new_layers(lambda sources: [])"),
-        nbformat.v4.new_code_cell("undefined_name"),
-        nbformat.v4.new_code_cell("checks.check_dus_plan(lambda n, m: [])"),
+        exercise("new_layers", "def new_layers(sources):\n    return ["),  # a syntax error: this exercise fails
+        nbformat.v4.new_code_cell("checks.check_new_layers(new_layers)"),
+        exercise("dus_plan", "def dus_layers(n_layers, drop):\n    return []"),  # graded all the same
+        nbformat.v4.new_code_cell("checks.check_dus_plan(dus_layers)"),
+        nbformat.v4.new_code_cell("undefined_name"),  # outside the exercises: the notebook stops
+        nbformat.v4.new_code_cell("checks.check_rmsnorm(lambda x, weight, eps: x)"),
     ])
     path = tmp_path / "broken.ipynb"
     nbformat.write(nb, path)
     assert main(["grade", str(path), "--out", str(tmp_path / "out")]) == 1
-    rows = {r["exercise"]: r for r in _graded(tmp_path / "out")}
-    assert rows["new_layers"]["status"] == "fail"
-    assert rows["dus_plan"]["status"] == "not run" and "cell 3 raised NameError" in rows["dus_plan"]["feedback"]
-    assert rows["(notebook)"]["status"] == "error"
-    assert rows["(notebook)"]["feedback"] == "cell 3 raised NameError: name 'undefined_name' is not defined"
+    rows = {r["exercise"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out")}
+    assert list(rows) == ["new_layers", "dus_plan", "rmsnorm", "(notebook)"]
+    assert rows["new_layers"][0] == "fail" and rows["new_layers"][1].startswith(
+        "the exercise cell (cell 2) raised SyntaxError")
+    assert rows["dus_plan"][0] == "fail" and rows["dus_plan"][1].startswith("for n_layers=32, drop=8: expected")
+    assert rows["rmsnorm"][0] == "not run" and "cell 6 raised NameError" in rows["rmsnorm"][1]
+    assert rows["(notebook)"] == ("error", "cell 6 raised NameError: name 'undefined_name' is not defined")

@@ -3,7 +3,8 @@ per-exercise table (results.json, results.csv) — `deepen grade NOTEBOOK... [--
 
 - An exercise is a code cell whose metadata says `"exercise": NAME`; its check is the cell calling
   `checks.check_NAME(...)`. An exercise whose check never ran (the notebook stopped earlier) is "not run".
-- A notebook that fails outside the exercises (a cell raising, a timeout) gets a row "(notebook)" with status
+- An exercise cell that raises (a syntax error, say) fails that exercise; the notebook goes on. A notebook that
+  fails outside the exercises (a cell raising, a timeout) stops there and gets a row "(notebook)" with status
   "error", naming the cell and the error.
 - Reference solutions are Python files with one `# %% NAME` section per exercise; `fill(notebook, solutions)`
   puts them into the exercise cells (`deepen grade --fill-from FOLDER` grades labNN_*.ipynb filled from
@@ -27,11 +28,13 @@ FIELDS = ("notebook", "exercise", "status", "feedback")
 
 
 def exercises(nb) -> list[str]:
-    """The exercises of a notebook in order: the names of the checks its cells call."""
+    """The exercises of a notebook in order: its exercise cells' names and the checks its cells call (a check cell
+    deleted by mistake still leaves its exercise expected)."""
     names = []
     for cell in nb.cells:
         if cell.cell_type == "code":
-            names += [n for n in CHECK_CALL.findall(cell.source) if n not in names]
+            found = [cell.metadata[EXERCISE]] if cell.metadata.get(EXERCISE) else []
+            names += [n for n in found + CHECK_CALL.findall(cell.source) if n not in names]
     return names
 
 
@@ -64,24 +67,29 @@ def fill(nb, solutions: str | os.PathLike | dict[str, str]):
 
 
 def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
-    """Execute a lab notebook (or `nb`, e.g. a filled copy, in the notebook's folder); return one row per exercise,
-    and a "(notebook)" row if the notebook failed outside its exercises."""
+    """Execute a lab notebook (or `nb`, e.g. a filled copy, in the notebook's folder); return one row per exercise
+    (notebook: the path as given, so many students' copies of one lab stay apart), and a "(notebook)" row if the
+    notebook failed outside its exercises."""
     from nbclient import NotebookClient
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4) if nb is None else nb
     expected = exercises(nb)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
-    error, found = None, []
+    error, found, broken = None, [], {}  # broken: exercise -> the error its own cell raised
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
-            if cell.cell_type != "code":
-                continue
+            checked = set(CHECK_CALL.findall(cell.source))
+            if cell.cell_type != "code" or checked and checked <= set(broken):
+                continue  # the check of an exercise whose cell failed: it would only fail again
             try:
                 client.execute_cell(cell, index)
             except Exception as e:  # noqa: BLE001 — CellExecutionError, a timeout, a dead kernel: reported, not raised
-                name, value = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e).strip().splitlines()[-1:])
-                error = f"cell {index + 1} raised {name}: {value if isinstance(value, str) else ' '.join(value)}"
+                message = _error(e)
+                if cell.metadata.get(EXERCISE):  # the student's own cell: that exercise fails, the others go on
+                    broken[cell.metadata[EXERCISE]] = f"the exercise cell (cell {index + 1}) raised {message}"
+                    continue
+                error = f"cell {index + 1} raised {message}"
                 break
         collect = nbformat.v4.new_code_cell("import deepen.checks\ndeepen.checks.emit()")
         nb.cells.append(collect)
@@ -89,18 +97,27 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
             client.execute_cell(collect, len(nb.cells) - 1)
             found = _emitted(collect)
         except Exception as e:  # noqa: BLE001
-            error = error or f"the results could not be read: {e}"
+            error = error or f"the results could not be read: {_error(e)}"
         finally:
             nb.cells.pop()
-    by_name = {r["name"]: r for r in found}
-    rows = []
-    for name in dict.fromkeys([*expected, *by_name]):
-        r = by_name.get(name, {"status": "not run", "feedback": f"the check did not run: the notebook stopped first "
-                                                              f"({error})" if error else "the check did not run"})
-        rows.append({"notebook": path.name, "exercise": name, "status": r["status"], "feedback": r["feedback"]})
+    results = {name: {"status": "fail", "feedback": feedback} for name, feedback in broken.items()}
+    results.update({r["name"]: r for r in found})
+    not_run = {"status": "not run", "feedback": f"the check did not run: the notebook stopped first ({error})" if error
+               else "the check did not run"}
+    rows = [{"notebook": str(path), "exercise": name, "status": results.get(name, not_run)["status"],
+             "feedback": results.get(name, not_run)["feedback"]} for name in dict.fromkeys([*expected, *results])]
     if error:
-        rows.append({"notebook": path.name, "exercise": "(notebook)", "status": "error", "feedback": error})
+        rows.append({"notebook": str(path), "exercise": "(notebook)", "status": "error", "feedback": error})
     return rows
+
+
+def _error(e: Exception) -> str:
+    """'NameError: name 'x' is not defined' from a cell's error (nbclient gives ename and evalue), one line."""
+    name = getattr(e, "ename", None) or type(e).__name__
+    value = getattr(e, "evalue", None)
+    if value is None:
+        value = (str(e).strip().splitlines() or [""])[-1]
+    return f"{name}: {value}"
 
 
 def _emitted(cell) -> list[dict]:
