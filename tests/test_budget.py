@@ -339,7 +339,9 @@ def test_fsdp_accumulation_holds_unsharded_gradients():
     eight = B.budget(LLAMA_PRO, gpus=8)  # global 1024 = micro 4 × 32 × 8 GPUs
     assert eight.accumulation == 32 and eight.memory["accumulated gradients"] == 1_619_066_880 * 2
     assert B.budget(LLAMA_PRO, gpus=8, strategy="zero3").memory["accumulated gradients"] == 0
-    assert B.budget(LLAMA_PRO, gpus=1).memory["accumulated gradients"] == 0  # one GPU: no FSDP (one-gpu.yaml)
+    one = B.budget(LLAMA_PRO, gpus=1)  # FSDP2 on one GPU (the planner's strategy) holds them too
+    assert one.memory["accumulated gradients"] == 1_619_066_880 * 2 and one.fits
+    assert B.budget(LLAMA_PRO, gpus=1, strategy="ddp").memory["accumulated gradients"] == 0  # one-gpu.yaml
     no_accumulation = load_config(LLAMA_PRO, ["train.global_batch=32"])  # 4 × 8 GPUs: one micro-batch per step
     assert B.budget(no_accumulation, gpus=8).memory["accumulated gradients"] == 0
     full = B.budget(LLAMA_PRO, gpus=8, method="full")

@@ -312,10 +312,10 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     gradients; with gradient accumulation the gradients of earlier micro-batches are there from the start).
       - frozen weights: 2 bytes each in bf16 (4 in fp32), and trainable weights, gradients and AdamW state
         (`state_bytes`), all divided over the GPUs by fsdp and zero3, replicated by ddp;
-      - gathered (fsdp, zero3 on >1 GPU): the root module (embeddings, norm, head) stays gathered in 16-bit from
+      - gathered (fsdp, zero3, also on one GPU: the bf16 copies are made there too): the root module (embeddings, norm, head) stays gathered in 16-bit from
         forward to backward, plus two layers in flight (the one computing and the one prefetched), plus one
         trainable layer's unsharded fp32 gradients before the reduce-scatter;
-      - accumulated gradients (fsdp on >1 GPU with accumulation > 1): accelerate's `accumulate` skips the
+      - accumulated gradients (fsdp with accumulation > 1, on any GPU count): accelerate's `accumulate` skips the
         gradient sync on all but the last micro-batch (FSDP2 `set_requires_gradient_sync(False)`), so FSDP2
         keeps every trainable parameter's *unsharded* gradient in the compute dtype (2 bytes in bf16) until the
         reduce-scatter — not divided by the GPU count. (Syncing every micro-batch instead — accelerate's
@@ -333,7 +333,7 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     out = {"frozen weights": frozen * frozen_bytes / shards}
     out.update({f"trainable {k}" if k == "weights" else k: trainable * b / shards for k, b in per.items()})
     gathered = buckets = 0.0
-    if gpus > 1 and strategy in ("fsdp", "zero3"):
+    if strategy in ("fsdp", "zero3"):
         root = shape.stages[0].params + shape.stages[-1].params
         largest = max(s.params for s in shape.blocks)
         largest_trainable = max((s.params for s in shape.blocks if s.trainable), default=0)
@@ -341,8 +341,7 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     if gpus > 1 and strategy == "ddp":
         buckets = trainable * 4.0
     out["gathered layers"] = gathered
-    out["accumulated gradients"] = (trainable * frozen_bytes if strategy == "fsdp" and gpus > 1 and accumulation > 1
-                                    else 0.0)
+    out["accumulated gradients"] = trainable * frozen_bytes if strategy == "fsdp" and accumulation > 1 else 0.0
     out["ddp buckets"] = buckets
     act_bytes = 2 if precision == "bf16" else 4
     tokens = micro_batch * shape.seq_len
