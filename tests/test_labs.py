@@ -186,6 +186,8 @@ MISTAKES = {
         "rope", _halves, {"layout": "interleaved"}, "pairs taken as halves instead of interleaved"),
     "RoPE rotated backwards": (
         "rope", lambda x, positions, theta: _halves(x, -positions, theta), {}, "rotated the wrong way"),
+    "RoPE exponent without the 2": (
+        "rope", lambda x, positions, theta: _halves(x, positions, theta ** 0.5), {}, "the 2 is missing"),
     "RoPE positions from 1": (
         "rope", lambda x, positions, theta: _halves(x, positions + 1, theta), {}, "positions start at 1"),
     "k/v heads not repeated": ("attention", _attention_not_repeated, {}, "k/v heads not repeated"),
@@ -196,6 +198,8 @@ MISTAKES = {
     "no causal mask": ("attention", _attention_with(mask="none"), {}, "no causal mask"),
     "scores not scaled": ("attention", _attention_with(scale=1.0), {}, "scores not scaled"),
     "RoPE on q only": ("attention", _attention_with(rope="q"), {}, "RoPE applied to q only"),
+    "heads split without a transpose": ("attention", _attention_with(split="view"), {}, "heads split the wrong way"),
+    "heads merged without a transpose": ("attention", _attention_with(merge="reshape"), {}, "heads merged the wrong way"),
     "SiLU on up_proj": (
         "swiglu", lambda x, mlp: mlp.down_proj(F.silu(mlp.up_proj(x)) * mlp.gate_proj(x)), {},
         "SiLU on the wrong projection"),

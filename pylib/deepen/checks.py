@@ -14,7 +14,7 @@ reads it after running a notebook.
 
     >>> from deepen import checks
     >>> checks.check_rmsnorm(rms_norm)
-    ✓ rmsnorm: pass — equals deepen.llama.RMSNorm on 3 inputs (max error 2.4e-07)
+    ✓ rmsnorm: pass — equals deepen.llama.RMSNorm on 3 inputs (max error 0)
 """
 
 from __future__ import annotations
@@ -255,6 +255,17 @@ def _rope(apply_rope, layout: str) -> str:
         shifted = _interleaved_rope(x, positions + 1, theta)
         mistakes = {"pairs taken as halves instead of interleaved: you rotate (x[i], x[i + d/2]) — transformers' "
                     "layout — but this layout pairs neighbours (x[2i], x[2i+1])": halves}
+    if layout == "halves":
+        i = torch.arange(0, d, 2).float()
+        for message, inv_freq in {
+            "the frequencies are off: θ_i = theta ** (-2i / d) with i = 0 .. d/2 - 1 — here the exponent is "
+            "-i / d (the 2 is missing)": theta ** (-i / 2 / d),
+            "the frequencies are upside down: θ_i = theta ** (-2i / d), a negative exponent (the first pair turns "
+            "fastest)": theta ** (i / d),
+        }.items():
+            angles = positions[:, None].float() * inv_freq  # (seq, d/2)
+            angles = torch.cat((angles, angles), dim=-1)  # (seq, d): the halves layout of deepen.llama.rope
+            mistakes[message] = llama.apply_rope(x, angles.cos(), angles.sin())
     mistakes.update({
         "rotated the wrong way: the sign of sin is flipped (x·cos + rotate_half(x)·sin, with rotate_half(x) = "
         "[-x2, x1])": backwards,
@@ -267,13 +278,18 @@ def _rope(apply_rope, layout: str) -> str:
 
 
 def _attention_by_hand(attn: llama.Attention, x, cos, sin, n_heads: int, n_kv_heads: int, *, repeat: str = "interleave",
-                       mask: str = "causal", scale: float | None = None, rope: str = "qk", softmax_dim: int = -1):
+                       mask: str = "causal", scale: float | None = None, rope: str = "qk", softmax_dim: int = -1,
+                       split: str = "transpose", merge: str = "transpose"):
     """Attention written out, with knobs for the common mistakes; the defaults equal deepen.llama.Attention
     (a test holds them equal)."""
     batch, seq, _ = x.shape
-    q = attn.q_proj(x).view(batch, seq, n_heads, -1).transpose(1, 2)  # (batch, heads, seq, head_dim)
-    k = attn.k_proj(x).view(batch, seq, n_kv_heads, -1).transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
-    v = attn.v_proj(x).view(batch, seq, n_kv_heads, -1).transpose(1, 2)
+
+    def heads(t, n):  # (batch, seq, n * head_dim) -> (batch, n, seq, head_dim); "view": the wrong split
+        return t.view(batch, seq, n, -1).transpose(1, 2) if split == "transpose" else t.view(batch, n, seq, -1)
+
+    q = heads(attn.q_proj(x), n_heads)  # (batch, heads, seq, head_dim)
+    k = heads(attn.k_proj(x), n_kv_heads)  # (batch, kv_heads, seq, head_dim)
+    v = heads(attn.v_proj(x), n_kv_heads)
     if "q" in rope:
         q = llama.apply_rope(q, cos, sin)
     if "k" in rope:
@@ -290,7 +306,8 @@ def _attention_by_hand(attn: llama.Attention, x, cos, sin, n_heads: int, n_kv_he
     allowed = {"causal": llama.causal_mask(seq, seq, None), "none": ones, "sees next": ones.tril(1),
                "hides self": ones.tril(-1), "past hidden": ones.triu(0)}[mask]  # (seq, seq), True = may attend
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(softmax_dim)
-    return attn.o_proj((weights @ v).transpose(1, 2).reshape(batch, seq, -1))
+    out = weights @ v  # (batch, heads, seq, head_dim)
+    return attn.o_proj((out.transpose(1, 2) if merge == "transpose" else out).reshape(batch, seq, -1))
 
 
 def _attention_case(n_kv_heads: int, seq: int = 6):
@@ -361,6 +378,10 @@ def _attention(attention) -> str:
             "RoPE applied to q only: rotate k too": by_hand(rope="q"),
             "RoPE applied to v as well: rotate only q and k (the values carry content, not position)":
                 by_hand(rope="qkv"),
+            "heads split the wrong way: view the projection as (batch, seq, heads, head_dim), then transpose(1, 2) "
+            "— viewing it directly as (batch, heads, seq, head_dim) mixes positions": by_hand(split="view"),
+            "heads merged the wrong way: transpose(1, 2) to (batch, seq, heads, head_dim) before the reshape to "
+            "(batch, seq, heads · head_dim)": by_hand(merge="reshape"),
         }
     _compare(got, want, dims, mistakes)
     raise Wrong(problem)
