@@ -25,6 +25,7 @@ import math
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,8 @@ def _call(fn, *args):
 
 def _check(name: str, body, *args) -> Result:
     try:
-        status, feedback = "pass", body(*args)
+        with torch.random.fork_rng(devices=[]):  # the checks seed their inputs; the student's random state stays
+            status, feedback = "pass", body(*args)
     except NotImplementedError:
         status, feedback = "not done", "still raises NotImplementedError — fill in the cell marked # TODO above"
     except (Wrong, StudentError) as e:
@@ -146,6 +148,11 @@ def _compare(got, want: torch.Tensor, dims: tuple[str, ...], mistakes: dict, cas
     problem = _difference(got, want, dims)
     if problem is None:
         return (got.detach().float() - want.float()).abs().max().item()
+    _wrong(got, problem, mistakes, case)
+
+
+def _wrong(got, problem: str, mistakes: dict, case: str = "") -> NoReturn:
+    """Raise Wrong: the message of the mistake whose output `got` matches, else `problem` (what is off, where)."""
     for message, wrong in mistakes.items():
         wrong, index = wrong if isinstance(wrong, tuple) else (wrong, ...)
         if isinstance(got, torch.Tensor) and got.shape == wrong.shape and _close(got[index], wrong[index]):
@@ -244,18 +251,15 @@ def _rope(apply_rope, layout: str) -> str:
     batch, heads, seq, d, theta = 2, 3, 8, 16, 10000.0
     x, positions = torch.randn(batch, heads, seq, d), torch.arange(seq)
     cos, sin = llama.rope(positions, d, theta)
-    cos1, sin1 = llama.rope(positions + 1, d, theta)
     halves, interleaved = llama.apply_rope(x, cos, sin), _interleaved_rope(x, positions, theta)
     if layout == "halves":
-        want, backwards, shifted = halves, llama.apply_rope(x, cos, -sin), llama.apply_rope(x, cos1, sin1)
+        want = halves
         mistakes = {"pairs interleaved instead of halves: you rotate (x[2i], x[2i+1]) — Meta's original layout — but "
-                    "transformers and deepen.llama pair x[i] with x[i + d/2] (the two halves, rotate_half)": interleaved}
-    else:
-        want, backwards = interleaved, _interleaved_rope(x, positions, theta, sign=-1.0)
-        shifted = _interleaved_rope(x, positions + 1, theta)
-        mistakes = {"pairs taken as halves instead of interleaved: you rotate (x[i], x[i + d/2]) — transformers' "
-                    "layout — but this layout pairs neighbours (x[2i], x[2i+1])": halves}
-    if layout == "halves":
+                    "transformers and deepen.llama pair x[i] with x[i + d/2] (the two halves, rotate_half)": interleaved,
+                    "rotated the wrong way: the sign of sin is flipped (x·cos + rotate_half(x)·sin, with "
+                    "rotate_half(x) = [-x2, x1])": llama.apply_rope(x, cos, -sin),
+                    "positions start at 1: the first token is position 0 (it is not rotated)":
+                        llama.apply_rope(x, *llama.rope(positions + 1, d, theta))}
         i = torch.arange(0, d, 2).float()
         for message, inv_freq in {
             "the frequencies are off: θ_i = theta ** (-2i / d) with i = 0 .. d/2 - 1 — here the exponent is "
@@ -266,15 +270,19 @@ def _rope(apply_rope, layout: str) -> str:
             angles = positions[:, None].float() * inv_freq  # (seq, d/2)
             angles = torch.cat((angles, angles), dim=-1)  # (seq, d): the halves layout of deepen.llama.rope
             mistakes[message] = llama.apply_rope(x, angles.cos(), angles.sin())
-    mistakes.update({
-        "rotated the wrong way: the sign of sin is flipped (x·cos + rotate_half(x)·sin, with rotate_half(x) = "
-        "[-x2, x1])": backwards,
-        "x comes back unrotated: each position m must turn pair i by the angle m·θ_i": x,
-        "positions start at 1: the first token is position 0 (it is not rotated)": shifted,
-    })
+    else:
+        want = interleaved
+        mistakes = {"pairs taken as halves instead of interleaved: you rotate (x[i], x[i + d/2]) — transformers' "
+                    "layout — but this layout pairs neighbours (x[2i], x[2i+1])": halves,
+                    "rotated the wrong way: the sign of sin is flipped":
+                        _interleaved_rope(x, positions, theta, sign=-1.0),
+                    "positions start at 1: the first token is position 0 (it is not rotated)":
+                        _interleaved_rope(x, positions + 1, theta)}
+    mistakes["x comes back unrotated: each position m must turn pair i by the angle m·θ_i"] = x
     got = _call(apply_rope, x.clone(), positions, theta)
     error = _compare(got, want, ("batch", "heads", "seq", "head_dim"), mistakes)
-    return f"equals deepen.llama.apply_rope ({layout} layout, head_dim {d}, {seq} positions; max error {error:.2g})"
+    reference = "deepen.llama.apply_rope" if layout == "halves" else "Meta's layout (deepen.llama.apply_rope on pairs 2i, 2i+1)"
+    return f"equals {reference} (head_dim {d}, {seq} positions; max error {error:.2g})"
 
 
 def _attention_by_hand(attn: llama.Attention, x, cos, sin, n_heads: int, n_kv_heads: int, *, repeat: str = "interleave",
@@ -383,8 +391,7 @@ def _attention(attention) -> str:
             "heads merged the wrong way: transpose(1, 2) to (batch, seq, heads, head_dim) before the reshape to "
             "(batch, seq, heads · head_dim)": by_hand(merge="reshape"),
         }
-    _compare(got, want, dims, mistakes)
-    raise Wrong(problem)
+    _wrong(got, problem, mistakes)
 
 
 def check_swiglu(swiglu) -> Result:
