@@ -310,7 +310,9 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     """Bytes per GPU, by component, all counted as live at once (an upper bound: with one micro-batch per step
     the gradients only build up as the activations are freed, so the true peak can be lower by up to the
     gradients; with gradient accumulation the gradients of earlier micro-batches are there from the start).
-      - frozen weights: 2 bytes each in bf16 (4 in fp32), and trainable weights, gradients and AdamW state
+      - frozen weights: 2 bytes each in bf16 (4 in fp32) — what the method needs; deepen.train loads every
+        weight in fp32 (autocast and FSDP2 compute in bf16 copies), so it holds them at 4 bytes today, which
+        `budget` states in its notes — and trainable weights, gradients and AdamW state
         (`state_bytes`), all divided over the GPUs by fsdp and zero3, replicated by ddp;
       - gathered (fsdp, zero3, also on one GPU: the bf16 copies are made there too): the root module (embeddings, norm, head) stays gathered in 16-bit from
         forward to backward, plus two layers in flight (the one computing and the one prefetched), plus one
@@ -455,6 +457,12 @@ def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0,
     if t.global_batch % (micro_batch * gpus):
         notes.append(f"global_batch {t.global_batch} is not a multiple of micro_batch {micro_batch} × {gpus} GPUs: "
                      f"pick a GPU count or micro_batch that divides it")
+    frozen = shape.params - shape.trainable
+    if t.precision == "bf16" and frozen:
+        shards = gpus if strategy in ("fsdp", "zero3") else 1
+        notes.append(f"frozen weights are counted in bf16 (2 bytes); deepen train loads every weight in fp32 and "
+                     f"computes in bf16 copies, so today it holds them in fp32: +{frozen * 2 / shards / GB:.1f} GB "
+                     f"per GPU")
     return Budget(model=shape.name, method=run.method, strategy=strategy, gpus=gpus, gpu_memory=gpu_memory,
                   precision=t.precision, seq_len=run.data.seq_len, micro_batch=micro_batch,
                   global_batch=t.global_batch, checkpointing=checkpointing, params=shape.params,

@@ -1,0 +1,100 @@
+"""The GPU benchmarks (benchmarks/gpu_*.py, `make bench-gpu`): they exit 0 with a message where there is no CUDA
+device, their card table and 1B shape are what they claim, and (slow) they run end to end on CPU with --smoke."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "benchmarks").glob("gpu_*.py"))
+
+
+def load(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_there_are_gpu_benchmarks():
+    assert {p.name for p in SCRIPTS} >= {"gpu_cpt.py", "gpu_fsdp_1b.py"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_without_cuda_they_say_so_and_exit_0(script):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA device" in done.stdout and "skipped" in done.stdout
+    assert "BENCH" not in done.stdout
+
+
+def test_card_peaks():
+    cpt = load("gpu_cpt")
+    assert cpt.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert cpt.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert cpt.peak_tflops("NVIDIA H200") == 989.0
+    assert cpt.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert cpt.peak_tflops("NVIDIA L40S") == 362.0
+    assert cpt.peak_tflops("Some Future GPU") is None
+    assert cpt.peak_tflops("Some Future GPU", 100.0) == 100.0
+    assert cpt.mfu(1000.0, 1e9, 10.0) == pytest.approx(0.1)  # 1e12 FLOP/s of a 10 TFLOP/s peak
+    assert cpt.mfu(1000.0, 1e9, None) is None
+
+
+def test_median_tokens_per_s_skips_warmup(tmp_path):
+    cpt = load("gpu_cpt")
+    lines = [{"step": 0, "ppl_general": 1.0}] + [{"step": s, "tokens_per_s": 100.0 * s} for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert cpt.median_tokens_per_s(tmp_path / "metrics.jsonl", 2) == (500.0, 5)
+
+
+def test_the_1b_shape_and_its_launch_config(tmp_path):
+    """~1B parameters (on the meta device: only config.json is written), it fits one 80 GB GPU either way, and the
+    one-process FSDP2 launch config is accelerate-valid with the 8-GPU file's settings."""
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+    from transformers import LlamaConfig
+
+    from deepen import budget as B
+
+    fsdp = load("gpu_fsdp_1b")
+    shape = fsdp.SHAPES["1b"]
+    LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                num_key_value_heads=shape["kv_heads"], tie_word_embeddings=False).save_pretrained(tmp_path / "base")
+    config = fsdp.run_config(tmp_path / "base", "llama-pro", 20, tmp_path / "out", shape, "bf16")
+    pro = B.budget(config, gpus=1, strategy="fsdp", checkpointing=True)
+    full = B.budget(config, gpus=1, strategy="fsdp", checkpointing=True, method="full")
+    assert pro.params == full.params and 0.95e9 < pro.params < 1.1e9
+    assert pro.trainable == 4 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632 + 2 * 2048)  # 4 new blocks
+    assert pro.accumulation == full.accumulation == 4 and pro.fits and full.fits
+    assert 1.3 < pro.speedup < 1.7
+
+    launch = ClusterConfig.from_yaml_file(str(fsdp.accelerate_config(tmp_path / "fsdp2-1gpu.yaml", cpu=False)))
+    eight = yaml.safe_load((ROOT / "configs/accelerate/fsdp2-8gpu.yaml").read_text())
+    assert launch.distributed_type.value == "FSDP" and launch.num_processes == 1
+    assert launch.fsdp_config == eight["fsdp_config"] and launch.mixed_precision == "bf16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_smoke_runs_end_to_end_on_cpu(script):
+    """--smoke: a tiny shape, a few steps, both methods, every BENCH line (numbers meaningless on CPU)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--steps", "4", "--warmup", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bench = [line for line in done.stdout.splitlines() if line.startswith("BENCH")]
+    assert len(bench) >= 9 and all(line.endswith(" on cpu") for line in bench)
+    assert any("tokens_per_s_llama-pro" in line for line in bench)
+    assert any("speedup_llama_pro_over_full" in line for line in bench)
