@@ -199,7 +199,8 @@ MISTAKES = {
     "scores not scaled": ("attention", _attention_with(scale=1.0), {}, "scores not scaled"),
     "RoPE on q only": ("attention", _attention_with(rope="q"), {}, "RoPE applied to q only"),
     "heads split without a transpose": ("attention", _attention_with(split="view"), {}, "heads split the wrong way"),
-    "heads merged without a transpose": ("attention", _attention_with(merge="reshape"), {}, "heads merged the wrong way"),
+    "heads merged without a transpose": (
+        "attention", _attention_with(merge="reshape"), {}, "heads merged the wrong way"),
     "SiLU on up_proj": (
         "swiglu", lambda x, mlp: mlp.down_proj(F.silu(mlp.up_proj(x)) * mlp.gate_proj(x)), {},
         "SiLU on the wrong projection"),

@@ -210,7 +210,8 @@ def _rmsnorm(rms_norm) -> str:
                 "eps is missing or outside the square root: divide by sqrt(mean(x²) + eps)": weight * x / ms.sqrt(),
                 "divided by the vector's length (square root of the *sum* of squares), not its root mean square: "
                 "use x.pow(2).mean(-1, keepdim=True)": weight * x / (x.pow(2).sum(-1, keepdim=True) + eps).sqrt(),
-                "the square root is missing: divide by sqrt(mean(x²) + eps), not mean(x²) + eps": weight * x / (ms + eps),
+                "the square root is missing: divide by sqrt(mean(x²) + eps), not mean(x²) + eps":
+                    weight * x / (ms + eps),
             }
         try:
             got = _call(rms_norm, x.clone(), weight.clone(), eps)
@@ -225,7 +226,8 @@ def _rmsnorm(rms_norm) -> str:
 
 
 def _interleaved_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, sign: float = 1.0) -> torch.Tensor:
-    """Meta's layout — pair (x[2i], x[2i+1]) turns by m·θ_i — as deepen.llama's halves layout on permuted coordinates."""
+    """Meta's layout — pair (x[2i], x[2i+1]) turns by m·θ_i — as deepen.llama's halves layout on permuted
+    coordinates."""
     d = x.shape[-1]
     order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])  # pairs (2i, 2i+1) -> (i, i + d/2)
     cos, sin = llama.rope(positions, d, theta)
@@ -254,8 +256,9 @@ def _rope(apply_rope, layout: str) -> str:
     halves, interleaved = llama.apply_rope(x, cos, sin), _interleaved_rope(x, positions, theta)
     if layout == "halves":
         want = halves
-        mistakes = {"pairs interleaved instead of halves: you rotate (x[2i], x[2i+1]) — Meta's original layout — but "
-                    "transformers and deepen.llama pair x[i] with x[i + d/2] (the two halves, rotate_half)": interleaved,
+        mistakes = {"pairs interleaved instead of halves: you rotate (x[2i], x[2i+1]) — Meta's original layout — "
+                    "but transformers and deepen.llama pair x[i] with x[i + d/2] (the two halves, rotate_half)":
+                        interleaved,
                     "rotated the wrong way: the sign of sin is flipped (x·cos + rotate_half(x)·sin, with "
                     "rotate_half(x) = [-x2, x1])": llama.apply_rope(x, cos, -sin),
                     "positions start at 1: the first token is position 0 (it is not rotated)":
@@ -281,7 +284,8 @@ def _rope(apply_rope, layout: str) -> str:
     mistakes["x comes back unrotated: each position m must turn pair i by the angle m·θ_i"] = x
     got = _call(apply_rope, x.clone(), positions, theta)
     error = _compare(got, want, ("batch", "heads", "seq", "head_dim"), mistakes)
-    reference = "deepen.llama.apply_rope" if layout == "halves" else "Meta's layout (deepen.llama.apply_rope on pairs 2i, 2i+1)"
+    reference = ("deepen.llama.apply_rope" if layout == "halves" else
+                 "Meta's layout (deepen.llama.apply_rope on pairs 2i, 2i+1)")
     return f"equals {reference} (head_dim {d}, {seq} positions; max error {error:.2g})"
 
 
@@ -381,7 +385,8 @@ def _attention(attention) -> str:
                 by_hand(mask="past hidden"),
             f"scores not scaled: divide q·kᵀ by sqrt(head_dim) = {math.sqrt(head_dim):g}": by_hand(scale=1.0),
             f"scores divided by head_dim = {head_dim}; divide by its square root": by_hand(scale=1 / head_dim),
-            "softmax over the wrong axis: normalise each query's scores over the keys (dim=-1)": by_hand(softmax_dim=-2),
+            "softmax over the wrong axis: normalise each query's scores over the keys (dim=-1)":
+                by_hand(softmax_dim=-2),
             "RoPE not applied: rotate q and k (apply_rope) before the scores": by_hand(rope=""),
             "RoPE applied to q only: rotate k too": by_hand(rope="q"),
             "RoPE applied to v as well: rotate only q and k (the values carry content, not position)":
@@ -522,7 +527,8 @@ def _llama_pro_plan(layers) -> str:
                 llama_pro(n, groups, placement="bottom").sources,
             "copied each group's first block: LLaMA Pro copies the group's top (last) block":
                 [s for g in by_group for s in g + [g[0]]],
-            "the copy comes before its group: it goes after the group's top block": [s for g in by_group for s in [g[-1]] + g],
+            "the copy comes before its group: it goes after the group's top block":
+                [s for g in by_group for s in [g[-1]] + g],
         }
         if n % size == 0 and size != groups:
             mistakes[f"groups and group size swapped: groups={groups} means {groups} groups of {size} layers, a copy "
@@ -664,8 +670,8 @@ def _zero_init(zeroed_copy) -> str:
                             "weights zeroed")
         norms = [k for k in wrongly_zeroed if "norm" in k]
         if norms:
-            problems.append(f"norm weights zeroed ({', '.join(norms)}): the block is the identity that way too, but the "
-                            "zeroed branch's weights get no gradient (notebook 02) — leave the norms as they are")
+            problems.append(f"norm weights zeroed ({', '.join(norms)}): the block is the identity that way too, but "
+                            "the zeroed branch's weights get no gradient (notebook 02) — leave the norms as they are")
         others = [k for k in wrongly_zeroed if "norm" not in k]
         if others:
             problems.append(f"also zeroed {', '.join(others)}: only o_proj and down_proj are zeroed; the rest stays a "

@@ -75,7 +75,8 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
     path = Path(path)
     nb = nbformat.read(path, as_version=4) if nb is None else nb
     expected = exercises(nb)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
     error, found, broken = None, [], {}  # broken: exercise -> the error its own cell raised
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
@@ -84,7 +85,7 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
                 continue  # the check of an exercise whose cell failed: it would only fail again
             try:
                 client.execute_cell(cell, index)
-            except Exception as e:  # noqa: BLE001 — CellExecutionError, a timeout, a dead kernel: reported, not raised
+            except Exception as e:  # noqa: BLE001 — a cell's error, a timeout, a dead kernel: reported, not raised
                 message = _error(e)
                 if cell.metadata.get(EXERCISE):  # the student's own cell: that exercise fails, the others go on
                     broken[cell.metadata[EXERCISE]] = f"the exercise cell (cell {index + 1}) raised {message}"
@@ -143,7 +144,8 @@ def grade(notebooks: list[str | os.PathLike], out: str | os.PathLike, solutions:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     passed = all(r["status"] == "pass" for r in rows)
-    (out / "results.json").write_text(json.dumps({"passed": passed, "results": rows}, indent=2, ensure_ascii=False) + "\n")
+    report = {"passed": passed, "results": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -151,26 +153,29 @@ def grade(notebooks: list[str | os.PathLike], out: str | os.PathLike, solutions:
     return rows
 
 
-def table(rows: list[dict], width: int = 100) -> str:
-    """The rows as a text table, one line per exercise, feedback cut to fit."""
+def table(rows: list[dict], width: int = 120) -> str:
+    """The rows as a text table, one line per exercise, feedback cut to fit `width`."""
     if not rows:
         return "no notebooks graded"
-    w = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("notebook", "exercise", "status")}
-    lines = [f"{'notebook':<{w['notebook']}}  {'exercise':<{w['exercise']}}  {'status':<{w['status']}}  feedback"]
-    for r in rows:
-        feedback = r["feedback"].replace("\n", " ")
-        room = max(width - sum(w.values()) - 6, 30)
-        lines.append(f"{r['notebook']:<{w['notebook']}}  {r['exercise']:<{w['exercise']}}  {r['status']:<{w['status']}}  "
-                     f"{feedback[:room - 1] + '…' if len(feedback) > room else feedback}")
+    columns = FIELDS[:-1]
+    w = {k: max(len(k), *(len(r[k]) for r in rows)) for k in columns}
+    room = max(width - sum(w.values()) - 2 * len(columns), 30)
+
+    def line(row: dict) -> str:
+        feedback = row["feedback"].replace("\n", " ")
+        feedback = feedback if len(feedback) <= room else feedback[:room - 1] + "…"
+        return "  ".join([f"{row[k]:<{w[k]}}" for k in columns] + [feedback])
+
     done = sum(r["status"] == "pass" for r in rows)
-    return "\n".join(lines + [f"{done} of {len(rows)} pass"])
+    return "\n".join([line({k: k for k in FIELDS}), *map(line, rows), f"{done} of {len(rows)} pass"])
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="lab notebooks to run and grade (.ipynb)")
     parser.add_argument("--out", default="grades", help="folder for results.json and results.csv (default grades)")
     parser.add_argument("--fill-from", metavar="FOLDER",
-                        help="fill each labNN_*.ipynb's exercise cells from FOLDER/labNN.py first (reference solutions)")
+                        help="fill each labNN_*.ipynb's exercise cells from FOLDER/labNN.py first (reference "
+                             "solutions)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds one cell may run (default 600)")
 
 
