@@ -330,16 +330,19 @@ def test_errors_in_and_outside_the_exercises_are_reported(tmp_path):
         nbformat.v4.new_code_cell("checks.check_new_layers(new_layers)"),
         exercise("dus_plan", "def dus_layers(n_layers, drop):\n    return []"),  # graded all the same
         nbformat.v4.new_code_cell("checks.check_dus_plan(dus_layers)"),
+        exercise("rmsnorm", "def my_norm(x, weight, eps):\n    return x"),  # renamed: its check cell raises
+        nbformat.v4.new_code_cell("checks.check_rmsnorm(rms_norm)"),
         nbformat.v4.new_code_cell("undefined_name"),  # outside the exercises: the notebook stops
-        nbformat.v4.new_code_cell("checks.check_rmsnorm(lambda x, weight, eps: x)"),
+        nbformat.v4.new_code_cell("checks.check_swiglu(lambda x, mlp: x)"),
     ])
     path = tmp_path / "broken.ipynb"
     nbformat.write(nb, path)
     assert main(["grade", str(path), "--out", str(tmp_path / "out")]) == 1
     rows = {r["exercise"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out")}
-    assert list(rows) == ["new_layers", "dus_plan", "rmsnorm", "(notebook)"]
+    assert list(rows) == ["new_layers", "dus_plan", "rmsnorm", "swiglu", "(notebook)"]
     assert rows["new_layers"][0] == "fail" and rows["new_layers"][1].startswith(
         "the exercise cell (cell 2) raised SyntaxError")
     assert rows["dus_plan"][0] == "fail" and rows["dus_plan"][1].startswith("for n_layers=32, drop=8: expected")
-    assert rows["rmsnorm"][0] == "not run" and "cell 6 raised NameError" in rows["rmsnorm"][1]
-    assert rows["(notebook)"] == ("error", "cell 6 raised NameError: name 'undefined_name' is not defined")
+    assert rows["rmsnorm"] == ("fail", "the check cell (cell 7) raised NameError: name 'rms_norm' is not defined")
+    assert rows["swiglu"][0] == "not run" and "cell 8 raised NameError" in rows["swiglu"][1]
+    assert rows["(notebook)"] == ("error", "cell 8 raised NameError: name 'undefined_name' is not defined")

@@ -3,9 +3,9 @@ per-exercise table (results.json, results.csv) — `deepen grade NOTEBOOK... [--
 
 - An exercise is a code cell whose metadata says `"exercise": NAME`; its check is the cell calling
   `checks.check_NAME(...)`. An exercise whose check never ran (the notebook stopped earlier) is "not run".
-- An exercise cell that raises (a syntax error, say) fails that exercise; the notebook goes on. A notebook that
-  fails outside the exercises (a cell raising, a timeout) stops there and gets a row "(notebook)" with status
-  "error", naming the cell and the error.
+- An exercise cell that raises (a syntax error, say), or a check cell that does (the function renamed), fails that
+  exercise; the notebook goes on. A notebook that fails outside the exercises (a cell raising, a timeout) stops
+  there and gets a row "(notebook)" with status "error", naming the cell and the error.
 - Reference solutions are Python files with one `# %% NAME` section per exercise; `fill(notebook, solutions)`
   puts them into the exercise cells (`deepen grade --fill-from FOLDER` grades labNN_*.ipynb filled from
   FOLDER/labNN.py).
@@ -86,12 +86,14 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
             try:
                 client.execute_cell(cell, index)
             except Exception as e:  # noqa: BLE001 — a cell's error, a timeout, a dead kernel: reported, not raised
-                message = _error(e)
+                message = f"(cell {index + 1}) raised {_error(e)}"
                 if cell.metadata.get(EXERCISE):  # the student's own cell: that exercise fails, the others go on
-                    broken[cell.metadata[EXERCISE]] = f"the exercise cell (cell {index + 1}) raised {message}"
-                    continue
-                error = f"cell {index + 1} raised {message}"
-                break
+                    broken[cell.metadata[EXERCISE]] = f"the exercise cell {message}"
+                elif checked:  # a check cell raises only when the student renamed or deleted what it checks
+                    broken.update({name: f"the check cell {message}" for name in checked})
+                else:
+                    error = f"cell {index + 1} raised {_error(e)}"
+                    break
         collect = nbformat.v4.new_code_cell("import deepen.checks\ndeepen.checks.emit()")
         nb.cells.append(collect)
         try:
