@@ -91,7 +91,7 @@ def test_numerically_off_says_max_error_and_where():
 
 
 def test_the_attention_written_out_for_the_mistakes_equals_deepen_llama():
-    c, attn, x, cos, sin, want = checks._attention_case(n_kv_heads=2)
+    c, attn, x, cos, sin, want = checks._attention_case()
     with torch.no_grad():
         torch.testing.assert_close(checks._attention_by_hand(attn, x, cos, sin, c.n_heads, c.n_kv_heads), want)
 
@@ -193,6 +193,9 @@ MISTAKES = {
     "k/v heads not repeated": ("attention", _attention_not_repeated, {}, "k/v heads not repeated"),
     "k/v heads tiled (repeat instead of repeat_interleave)": (
         "attention", _attention_with(repeat="tile"), {}, "k/v heads repeated in the wrong order"),
+    "head_dim written in as a number": (
+        "attention", lambda x, attn, cos, sin, n_heads, n_kv_heads: checks._attention_by_hand(
+            attn, x, cos, sin, n_heads, n_kv_heads, scale=0.25), {}, "is a size written in as a number?"),
     "causal mask sees the next token": ("attention", _attention_with(mask="sees next"), {}, "causal mask off by one"),
     "causal mask hides the diagonal": ("attention", _attention_with(mask="hides self"), {}, "causal mask off by one"),
     "no causal mask": ("attention", _attention_with(mask="none"), {}, "no causal mask"),

@@ -78,7 +78,8 @@ def _where(error: BaseException) -> str:
     if not frames:
         return ""
     f = frames[-1]
-    return f" (in {f.name}, line {f.lineno}: `{(f.line or '').strip()}`)"
+    code = (f.line or "").strip()
+    return f" (in {f.name}, line {f.lineno}" + (f": `{code}`)" if code else ")")
 
 
 def _call(fn, *args):
@@ -322,9 +323,9 @@ def _attention_by_hand(attn: llama.Attention, x, cos, sin, n_heads: int, n_kv_he
     return attn.o_proj((out.transpose(1, 2) if merge == "transpose" else out).reshape(batch, seq, -1))
 
 
-def _attention_case(n_kv_heads: int, seq: int = 6):
+def _attention_case(seq: int = 6, **changes):
     _seeded()
-    c = _small_config(n_kv_heads=n_kv_heads)
+    c = _small_config(**changes)
     attn = _randomise(llama.Attention(c))
     x = torch.randn(2, seq, c.dim)
     cos, sin = llama.rope(torch.arange(seq), c.head_dim, c.rope_theta)
@@ -340,7 +341,7 @@ def check_attention(attention) -> Result:
 
 
 def _attention(attention) -> str:
-    c, attn, x, cos, sin, want = _attention_case(n_kv_heads=2)
+    c, attn, x, cos, sin, want = _attention_case()
     dims = ("batch", "seq", "dim")
     group = c.n_heads // c.n_kv_heads
     try:
@@ -350,8 +351,18 @@ def _attention(attention) -> str:
         got, problem = None, f"your function raised {e}"
     if problem is None:
         error = (got.float() - want).abs().max().item()
-        return (f"equals deepen.llama.Attention: {c.n_heads} query heads sharing {c.n_kv_heads} k/v heads, causal "
-                f"(max error {error:.2g})")
+        # another shape: a group size or head_dim written in as a number shows here
+        oc, oattn, ox, ocos, osin, owant = _attention_case(dim=48, n_heads=6, n_kv_heads=2)
+        try:
+            other = _difference(_call(attention, ox, oattn, ocos, osin, oc.n_heads, oc.n_kv_heads), owant, dims)
+        except StudentError as e:
+            other = f"your function raised {e}"
+        if other is not None:
+            raise Wrong(f"right for {c.n_heads} query heads sharing {c.n_kv_heads} k/v heads (head_dim {c.head_dim}) "
+                        f"but not for {oc.n_heads} sharing {oc.n_kv_heads} (head_dim {oc.head_dim}): is a size written "
+                        f"in as a number? Use n_heads, n_kv_heads and q.shape[-1] [{other}]")
+        return (f"equals deepen.llama.Attention: {c.n_heads} query heads sharing {c.n_kv_heads} k/v heads, and "
+                f"{oc.n_heads} sharing {oc.n_kv_heads}; causal (max error {error:.2g})")
     # Right for multi-head attention but not for groups: the k/v heads are not repeated (or in the wrong order).
     mc, mattn, mx, mcos, msin, mwant = _attention_case(n_kv_heads=c.n_heads)
     try:
