@@ -323,7 +323,15 @@ def load_corpus(name: str, split: str = "train", *, text_column: str = "text", m
     split: "train" or "heldout" (`heldout_fraction` of the documents, chosen by a hash of the document id).
     max_documents: keep only the first documents of the split (for quick runs).
     seed: which collection of math problems.
+    A weighted mixture of any of these is written "name:weight,name:weight", e.g. "code:0.6,math:0.4" (see
+    `mix_corpora`); each corpus is split on its own, then mixed.
     """
+    mixture = parse_mixture(name)
+    if mixture is not None:
+        parts = [load_corpus(part, split, text_column=text_column, heldout_fraction=heldout_fraction, seed=seed,
+                             hub_documents=hub_documents) for part, _ in mixture]
+        ds = mix_corpora(parts, [weight for _, weight in mixture], [part for part, _ in mixture])
+        return ds.select(range(min(max_documents, len(ds)))) if max_documents is not None else ds
     if name == "general":
         ids, texts = _general()
     elif name == "code":
@@ -339,6 +347,59 @@ def load_corpus(name: str, split: str = "train", *, text_column: str = "text", m
                                 f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
     ds = _split(ids, texts, split, heldout_fraction)
     return ds.select(range(min(max_documents, len(ds)))) if max_documents is not None else ds
+
+
+# ---------------------------------------------------------------- weighted mixtures
+
+_MIX_PART = re.compile(r"^(?P<name>.+):(?P<weight>\d+(?:\.\d*)?(?:e-?\d+)?|\.\d+)$")
+
+
+def parse_mixture(name: str) -> list[tuple[str, float]] | None:
+    """[(corpus, weight), ...] for a mixture "code:0.6,math:0.4" (two or more comma-separated name:weight
+    parts; weights are relative: 3 and 2 mean 0.6 and 0.4); None for a single corpus name (a hub name such as
+    "user/data:config" has no comma and stays one corpus)."""
+    if "," not in name:
+        return None
+    mixture = []
+    for part in (p.strip() for p in name.split(",")):
+        m = _MIX_PART.match(part)
+        if m is None:
+            raise ValueError(f"corpus mixture {name!r}: {part!r} is not name:weight; write e.g. 'code:0.6,math:0.4'")
+        weight = float(m["weight"])
+        if not weight > 0:
+            raise ValueError(f"corpus mixture {name!r}: the weight of {m['name']!r} must be positive")
+        mixture.append((m["name"], weight))
+    names = [n for n, _ in mixture]
+    if len(set(names)) < len(names):
+        raise ValueError(f"corpus mixture {name!r} names a corpus twice; give it one weight")
+    return mixture
+
+
+def mix_corpora(parts: list[datasets.Dataset], weights: list[float], names: list[str]) -> datasets.Dataset:
+    """The documents of `parts` interleaved so that every prefix holds each corpus in proportion to its weight,
+    counted in characters (a close proxy for tokens): the next document always comes from the corpus furthest
+    below its share, so packing the first N tokens gives the mixture at any N. A corpus that runs out starts
+    over (upsampling, as the LLaMA Pro paper weights its Python data 1.5) until every corpus has been read in
+    full once. Deterministic; ids become "corpus:id" (with "@k" on the k-th repeat)."""
+    for part, name in zip(parts, names):
+        if len(part) == 0:
+            raise ValueError(f"corpus {name!r} of the mixture has no documents in this split")
+    texts = [part["text"] for part in parts]
+    ids = [part["id"] for part in parts]
+    chars = [0] * len(parts)
+    position = [0] * len(parts)
+    passes = [0] * len(parts)
+    out_ids, out_texts = [], []
+    while min(passes) == 0:
+        i = min(range(len(parts)), key=lambda j: (chars[j] / weights[j], j))
+        text = texts[i][position[i]]
+        out_ids.append(f"{names[i]}:{ids[i][position[i]]}" + (f"@{passes[i]}" if passes[i] else ""))
+        out_texts.append(text)
+        chars[i] += max(len(text), 1)
+        position[i] += 1
+        if position[i] == len(texts[i]):
+            position[i], passes[i] = 0, passes[i] + 1
+    return datasets.Dataset.from_dict({"id": out_ids, "text": out_texts})
 
 
 # ---------------------------------------------------------------- tokenisation and packing
