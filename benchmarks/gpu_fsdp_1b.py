@@ -4,8 +4,8 @@ one GPU, LLaMA Pro against full fine-tuning; speed, MFU and peak memory against 
 The model: a Llama-2-style shape built in code and randomly initialised (hidden 2048, SwiGLU 5632, 32 heads,
 4 KV heads, vocabulary 32000, untied head; TinyLlama's block) with 16 blocks, saved in bf16 to a temporary
 folder, then grown by the run config's plan, llama_pro(16, groups=4), to 20 blocks: 1.01B parameters, 4 new
-blocks (176M) that LLaMA Pro trains. The tokenizer is deepen's offline BPE (4096 ids; the model's vocabulary is
-larger, as a real 32000-row head costs). The data: the built-in code corpus, sequences of 2048, global batch 32
+blocks (176M) that LLaMA Pro trains. The tokenizer is byte-level, built in code (259 ids; the model's vocabulary
+is larger, as a real 32000-row head costs). The data: the built-in code corpus, sequences of 2048, global batch 32
 = 4 micro-batches of 8, bf16.
 
 The launch: `accelerate launch` with configs/accelerate/fsdp2-8gpu.yaml's settings and num_processes 1, so
@@ -39,7 +39,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cpt import GIB, METHODS, ROOT, bench_line, cuda_or_exit, median_tokens_per_s, mfu, peak_tflops  # noqa: E402
+from gpu_cpt import (GIB, METHODS, ROOT, bench_line, cuda_or_exit, general_corpus, median_tokens_per_s,  # noqa: E402
+                     mfu, peak_tflops)
 
 # (hidden, intermediate, heads, kv_heads, vocab, base layers, groups, seq_len, global batch, micro-batch)
 SHAPES = {
@@ -50,12 +51,25 @@ SHAPES = {
 }
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 bytes + <s>, </s>, <pad>; no merges): needs no data or cache,
+    and throughput does not depend on which ids the tokens have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
+    tok.train_from_iterator([], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def base_model(folder: Path, shape: dict) -> Path:
-    """The random base model (bf16 safetensors) and the offline tokenizer, written to `folder`."""
+    """The random base model (bf16 safetensors) and a byte-level tokenizer, written to `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from deepen.data import tiny_tokenizer
 
     config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
                          intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
@@ -65,19 +79,20 @@ def base_model(folder: Path, shape: dict) -> Path:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1B weights: seconds on a GPU
         model = LlamaForCausalLM(config)
     model.to(torch.bfloat16).save_pretrained(folder)
-    tiny_tokenizer(4096).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # leave the GPU to the runs
     return folder
 
 
-def run_config(base: Path, method: str, steps: int, out: Path, shape: dict, precision: str):
+def run_config(base: Path, method: str, steps: int, out: Path, shape: dict, precision: str,
+               general: str = "general"):
     from deepen.config import load_config
 
     return load_config(None, [
         f"model={base}", f"grow={{method: llama-pro, groups: {shape['groups']}}}", f"method={method}",
-        "data.domain=code", "data.general=general", f"data.seq_len={shape['seq_len']}",
+        "data.domain=code", f"data.general={general}", f"data.seq_len={shape['seq_len']}",
         f"train.steps={steps}", f"train.global_batch={shape['global_batch']}",
         f"train.micro_batch={shape['micro_batch']}", "train.lr=2.0e-4", f"train.precision={precision}",
         f"train.eval_every={steps}", "train.eval_batches=1", f"train.save_every={steps}", f"out={out}"])
@@ -112,7 +127,7 @@ def child(args) -> None:
 
     shape = SHAPES["smoke" if args.smoke else "1b"]
     config = run_config(Path(args.base), args.child, args.steps, Path(args.out), shape,
-                        "fp32" if args.smoke else "bf16")
+                        "fp32" if args.smoke else "bf16", args.general)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -143,6 +158,7 @@ def main() -> None:
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--general", default="general", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -152,6 +168,7 @@ def main() -> None:
     from deepen.budget import GB, budget
 
     shape = SHAPES["smoke" if args.smoke else "1b"]
+    general = general_corpus()
     accelerate = Path(sys.executable).with_name("accelerate")
     results = {}
     with tempfile.TemporaryDirectory(prefix="deepen-gpu-fsdp-1b-") as tmp:
@@ -160,7 +177,8 @@ def main() -> None:
         for method in METHODS:
             out = Path(tmp, method)
             cmd = [str(accelerate), "launch", "--config_file", str(launch), "--main_process_port", str(free_port()),
-                   __file__, "--child", method, "--base", str(base), "--out", str(out), "--steps", str(args.steps)]
+                   __file__, "--child", method, "--base", str(base), "--out", str(out), "--steps", str(args.steps),
+                   "--general", general]
             done = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True,
                                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             if done.returncode:

@@ -98,3 +98,17 @@ def test_smoke_runs_end_to_end_on_cpu(script):
     assert len(bench) >= 9 and all(line.endswith(" on cpu") for line in bench)
     assert any("tokens_per_s_llama-pro" in line for line in bench)
     assert any("speedup_llama_pro_over_full" in line for line in bench)
+
+
+def test_a_bare_machine_needs_no_english_text_or_trained_tokenizer(monkeypatch):
+    import deepen.data
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("the English text is not here")
+
+    cpt = load("gpu_cpt")
+    monkeypatch.setattr(deepen.data, "load_corpus", offline)
+    assert cpt.general_corpus() == "math"
+    tokenizer = load("gpu_fsdp_1b").byte_tokenizer()
+    assert len(tokenizer) == 259 and tokenizer.eos_token_id is not None
+    assert tokenizer.decode(tokenizer("def f(x):  # é")["input_ids"]) == "def f(x):  # é"
