@@ -182,7 +182,10 @@ def test_fsdp2_on_cpu_shards_layers_skips_frozen_state_and_matches_one_process(t
         assert frozen > 4 * trainable > 0
         assert report["optimizer_steps"] == STEPS
         assert sum(report["scattered"]) == STEPS * trainable, (sum(report["scattered"]), trainable)
-        assert len(report["scattered"]) == STEPS * len(new)  # one reduce-scatter per trainable layer per step
+        # One reduce-scatter per trainable layer per step, though each process runs 2 micro-batches: accelerate
+        # skips the sync on the first, so FSDP2 holds that micro-batch's gradients unsharded until the second
+        # (deepen.budget's "accumulated gradients").
+        assert len(report["scattered"]) == STEPS * len(new)
 
     # The same run as one process, to float tolerance (fp32; the reduction order differs).
     a, b = records(one.parent), records(tmp_path / "two")
