@@ -351,7 +351,8 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
 
     saved_config = out / "config.yaml"
     if saved_config.is_file():
-        diff = _config_diff(yaml.safe_load(saved_config.read_text()), config.to_dict())
+        # out may be named another way (relative, absolute, a moved folder): the folder itself is the run
+        diff = _config_diff({**yaml.safe_load(saved_config.read_text()), "out": None}, {**config.to_dict(), "out": None})
         if diff:
             raise ValueError(f"{out} holds a run with another config ({'; '.join(diff)}); resume with the same "
                              "config, or choose another out")
