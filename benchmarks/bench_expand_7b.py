@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,119 +35,26 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _checkpoint_bench  # noqa: E402
+from _checkpoint_bench import LlamaShape, expand_in_child, folder_bytes  # noqa: E402
+
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 4096, 32, 32, 32, 11008, 32000
 GROUPS = 8
 SHARD_BYTES = 10 * 10**9  # the published Llama-2-7b-hf checkpoint: model-00001-of-00002 (9.98 GB) + 3.5 GB
 GIB, MIB = 2**30, 2**20
 BOUND_MIB = 256  # "a few MiB": the copy buffer is 64 MiB at most; anything near a tensor's size would be a leak
 
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
-    "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "intermediate_size": INTERMEDIATE,
-    "vocab_size": VOCAB, "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "tie_word_embeddings": False,
-    "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
-}
 
-# The child: import first (that memory is the baseline), then expand and report time and peak RSS.
-CHILD = """
-import json, os, resource, sys, time
-import psutil
-from deepen.checkpoint import expand
-from deepen.plan import llama_pro
-src, out, groups = sys.argv[1], sys.argv[2], int(sys.argv[3])
-baseline = psutil.Process().memory_info().rss
-os.sync()
-t = time.perf_counter()
-expand(src, out, lambda n: llama_pro(n, groups=groups), progress=False)
-unsynced = time.perf_counter() - t
-os.sync()
-seconds = time.perf_counter() - t
-try:  # VmHWM: the peak RSS of this process image
-    peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-except OSError:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-print(json.dumps({"seconds": seconds, "unsynced": unsynced, "baseline": baseline, "peak": peak}))
-"""
-
-
-def tensor_shapes():
-    kv = HIDDEN // HEADS * KV_HEADS
-    yield "model.embed_tokens.weight", (VOCAB, HIDDEN)
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", (HIDDEN,)
-        yield p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "self_attn.k_proj.weight", (kv, HIDDEN)
-        yield p + "self_attn.v_proj.weight", (kv, HIDDEN)
-        yield p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)
-        yield p + "post_attention_layernorm.weight", (HIDDEN,)
-        yield p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)
-        yield p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN)
-        yield p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE)
-    yield "model.norm.weight", (HIDDEN,)
-    yield "lm_head.weight", (VOCAB, HIDDEN)
-
-
-def numel(shape) -> int:
-    return torch.Size(shape).numel()
-
-
-def header(entries: list[tuple[str, tuple[int, ...]]]) -> bytes:
-    """A safetensors header for bf16 tensors laid out contiguously in this order (padded to 8 bytes)."""
-    head: dict = {"__metadata__": {"format": "pt"}}
-    pos = 0
-    for name, shape in entries:
-        head[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + 2 * numel(shape)]}
-        pos += 2 * numel(shape)
-    raw = json.dumps(head, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def pool_start(k: int, n: int, pool_size: int) -> int:
-    return (k * 7919) % (pool_size - n + 1)  # different bytes in different tensors
+def model() -> LlamaShape:
+    """Llama-2-7B's shape, from the constants above as they are when called (a test shrinks them)."""
+    return LlamaShape(HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB, max_position=4096)
 
 
 def generate(folder: Path) -> list[int]:
-    """Write the random checkpoint tensor by tensor, each a slice of one random bf16 pool (never the model in
-    memory); returns the shard sizes in bytes."""
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    pool = (torch.randn(VOCAB * HIDDEN + 4096, generator=gen) * 0.02).to(torch.bfloat16)
-    raw = pool.view(torch.int16).numpy()  # the bytes, for file.write
-    shapes = list(tensor_shapes())
-    plan, size = [[]], 0
-    for name, shape in shapes:
-        nbytes = 2 * numel(shape)
-        if plan[-1] and size + nbytes > SHARD_BYTES:
-            plan.append([])
-            size = 0
-        plan[-1].append((name, shape))
-        size += nbytes
-    names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-    weight_map, total, k = {}, 0, 0
-    for name, entries in zip(names, plan):
-        with open(folder / name, "wb") as f:
-            f.write(header(entries))
-            for tensor, shape in entries:
-                n = numel(shape)
-                start = pool_start(k, n, pool.numel())
-                f.write(raw[start:start + n].tobytes())
-                k += 1
-                weight_map[tensor] = name
-                total += 2 * n
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (folder / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    return [(folder / n).stat().st_size for n in names]
-
-
-def folder_bytes(folder: Path) -> tuple[int, int]:
-    """(apparent size, bytes allocated on disk) of the files in a folder."""
-    files = [p for p in folder.iterdir() if p.is_file()]
-    return sum(p.stat().st_size for p in files), sum(p.stat().st_blocks * 512 for p in files)
+    """Write the random checkpoint, shards of at most SHARD_BYTES, tensor by tensor (never the model in memory);
+    returns the shard sizes in bytes."""
+    return _checkpoint_bench.generate(folder, model(), SHARD_BYTES)
 
 
 def check_output(src: Path, out: Path) -> int:
@@ -199,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="where to create the temporary folder (default: the system's temp dir)")
     args = parser.parse_args()
-    params = sum(numel(s) for _, s in tensor_shapes())
+    params = model().params
     assert params == 6_738_415_616, params  # Llama-2-7B, exactly
     need = 2 * params * (1 + (LAYERS + GROUPS) / LAYERS) + 2 * GIB  # in, out (holes aside), and a margin
     base_dir = args.dir or tempfile.gettempdir()
@@ -217,12 +122,9 @@ def main() -> None:
         print(f"checkpoint: {params:,} params bf16, {len(shards)} shards, {sum(shards) / 1e9:.2f} GB, largest "
               f"{max(shards) / 1e9:.2f} GB (generated and synced in {time.perf_counter() - t:.1f} s)", flush=True)
         out = root / "llama-pro-8.3b"
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        done = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(GROUPS)], env=env, check=True,
-                              capture_output=True, text=True)
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = expand_in_child(src, out, GROUPS)
         apparent, allocated = folder_bytes(out)
-        zeros = GROUPS * 2 * HIDDEN * (HIDDEN + INTERMEDIATE)  # o_proj + down_proj of each new layer, bf16
+        zeros = model().zeroed_bytes(GROUPS)  # o_proj + down_proj of each new layer, bf16
         t = time.perf_counter()
         checked = check_output(src, out)
         growth = (r["peak"] - r["baseline"]) / MIB

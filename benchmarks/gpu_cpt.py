@@ -80,6 +80,49 @@ def bench_line(name: str, value: float | None, unit: str, card: str, fmt: str = 
     return f"BENCH {name} {shown} {unit} on {card}"
 
 
+def reset_peak_memory() -> bool:
+    """Before a run: on a GPU, reset CUDA's peak-memory counters and return True; else use one CPU thread (a
+    smoke run) and return False."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    torch.set_num_threads(1)
+    return False
+
+
+def peak_memory() -> dict:
+    """CUDA's peak allocated and reserved bytes since reset_peak_memory()."""
+    import torch
+
+    return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+
+
+def arguments(description: str, steps: int, smoke: str) -> argparse.ArgumentParser:
+    """The options both GPU benchmarks take: `steps` is the default of --steps, `smoke` the help of --smoke; the
+    hidden --child, --out and --general are for the runs a benchmark starts itself."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per method (default {steps})")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median (default 5)")
+    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not in the table")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--general", default="general", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_result(script: str, method: str, done: subprocess.CompletedProcess, out: Path, warmup: int) -> dict:
+    """One method's run, finished: its out/result.json with the median tokens/s of its metrics.jsonl after
+    `warmup` steps (and how many steps that is); exits with the run's stderr where it failed."""
+    if done.returncode:
+        sys.exit(f"{script}: the {method} run failed:\n{done.stderr[-3000:]}")
+    result = json.loads((out / "result.json").read_text())
+    result["tokens_per_s"], result["steps_timed"] = median_tokens_per_s(out / "metrics.jsonl", warmup)
+    return result
+
+
 def general_corpus() -> str:
     """"general" (the built-in English, fetched once at install) where it is here, else "math" (generated): a
     bare GPU machine without the English text still runs the benchmark; the held-out score is not its point."""
@@ -110,16 +153,12 @@ def child(method: str, steps: int, out: Path, smoke: bool, general: str) -> None
     from deepen.train import train
 
     config = run_config(method, steps, out, smoke, general)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        torch.set_num_threads(1)
+    cuda = reset_peak_memory()
     peak = {}
 
     def callback(record, model):
         if record["step"] == steps and cuda:  # before the final model is gathered and saved
-            peak.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+            peak.update(peak_memory())
 
     train(config, progress=False, callback=callback)
     card = torch.cuda.get_device_name() if cuda else "cpu"
@@ -127,17 +166,8 @@ def child(method: str, steps: int, out: Path, smoke: bool, general: str) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per method (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median (default 5)")
-    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not in the table")
-    parser.add_argument("--smoke", action="store_true",
-                        help="check the script end to end on any device: the tiny rung, a few steps (numbers "
-                             "meaningless)")
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--general", default="general", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0], 30, "check the script end to end on any device: the tiny rung, "
+                     "a few steps (numbers meaningless)").parse_args()
     if args.child:
         return child(args.child, args.steps, Path(args.out), args.smoke, args.general)
     if not args.smoke and not cuda_or_exit("gpu_cpt"):
@@ -153,11 +183,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", method, "--steps", str(args.steps), "--out", str(out),
                    "--general", general]
             done = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"gpu_cpt: the {method} run failed:\n{done.stderr[-3000:]}")
-            result = json.loads((out / "result.json").read_text())
-            result["tokens_per_s"], result["steps_timed"] = median_tokens_per_s(out / "metrics.jsonl", args.warmup)
-            results[method] = result
+            results[method] = run_result("gpu_cpt", method, done, out, args.warmup)
 
     card = results[METHODS[0]]["card"]
     peak = peak_tflops(card, args.peak_tflops)

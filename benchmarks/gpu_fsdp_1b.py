@@ -39,8 +39,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cpt import (GIB, METHODS, ROOT, bench_line, cuda_or_exit, general_corpus, median_tokens_per_s,  # noqa: E402
-                     mfu, peak_tflops)
+from gpu_cpt import (GIB, METHODS, ROOT, arguments, bench_line, cuda_or_exit, general_corpus, mfu,  # noqa: E402
+                     peak_memory, peak_tflops, reset_peak_memory, run_result)
 
 # (hidden, intermediate, heads, kv_heads, vocab, base layers, groups, seq_len, global batch, micro-batch)
 SHAPES = {
@@ -128,18 +128,14 @@ def child(args) -> None:
     shape = SHAPES["smoke" if args.smoke else "1b"]
     config = run_config(Path(args.base), args.child, args.steps, Path(args.out), shape,
                         "fp32" if args.smoke else "bf16", args.general)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        torch.set_num_threads(1)
+    cuda = reset_peak_memory()
     seen = {}
 
     def callback(record, model):
         if record["step"] == 1:
             seen["fsdp"] = isinstance(model, FSDPModule)
         if record["step"] == args.steps and cuda:  # before the final weights are gathered and saved
-            seen.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+            seen.update(peak_memory())
 
     train(config, progress=False, callback=callback)
     if PartialState().is_main_process:
@@ -148,17 +144,9 @@ def child(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per method (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median (default 5)")
-    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not in the table")
-    parser.add_argument("--smoke", action="store_true",
-                        help="check the script end to end on any device: a tiny shape, a few steps (numbers "
-                             "meaningless; on CPU accelerate runs no FSDP)")
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser = arguments(__doc__.splitlines()[0], 20, "check the script end to end on any device: a tiny shape, a "
+                       "few steps (numbers meaningless; on CPU accelerate runs no FSDP)")
     parser.add_argument("--base", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--general", default="general", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -181,11 +169,7 @@ def main() -> None:
                    "--general", general]
             done = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True,
                                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-            if done.returncode:
-                sys.exit(f"gpu_fsdp_1b: the {method} run failed:\n{done.stderr[-3000:]}")
-            result = json.loads((out / "result.json").read_text())
-            result["tokens_per_s"], result["steps_timed"] = median_tokens_per_s(out / "metrics.jsonl", args.warmup)
-            results[method] = result
+            results[method] = run_result("gpu_fsdp_1b", method, done, out, args.warmup)
         config = run_config(base, "llama-pro", args.steps, Path(tmp, "unused"), shape,
                             "fp32" if args.smoke else "bf16")
         budgets = {m: budget(config, gpus=1, strategy="fsdp", checkpointing=True, method=m) for m in METHODS}

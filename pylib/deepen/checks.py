@@ -511,6 +511,15 @@ def _first_difference(got: list, want: list) -> str:
     return f"they first differ at position {i}: expected layer {want[i]}, got {got[i]}"
 
 
+def _wrong_layers(got: list, want: list, mistakes: dict, case: str) -> NoReturn:
+    """Raise Wrong for a plan's layers `got` that are not `want`: the message of the mistake whose layers they are
+    (mistakes: message -> layers), else where they first differ; `case` names the shape, e.g. "n_layers=8"."""
+    for message, wrong in mistakes.items():
+        if got == wrong:
+            raise Wrong(f"{message} (for {case}: expected {want}, got {got})")
+    raise Wrong(f"for {case}: expected {want}, got {got} — {_first_difference(got, want)}")
+
+
 def check_llama_pro_plan(layers) -> Result:
     """layers(n_layers, groups) -> the grown model's layers as base-layer indices (a copy after each group),
     against deepen.plan.llama_pro; a list of deepen.plan.Layer or a Plan is checked for its zeroed copies too."""
@@ -544,10 +553,7 @@ def _llama_pro_plan(layers) -> str:
         if n % size == 0 and size != groups:
             mistakes[f"groups and group size swapped: groups={groups} means {groups} groups of {size} layers, a copy "
                      f"after every {size} layers"] = llama_pro(n, size).sources
-        for message, wrong in mistakes.items():
-            if got == wrong:
-                raise Wrong(f"{message} (for {case}: expected {plan.sources}, got {got})")
-        raise Wrong(f"for {case}: expected {plan.sources}, got {got} — {_first_difference(got, plan.sources)}")
+        _wrong_layers(got, plan.sources, mistakes, case)
     return f"equals deepen.plan.llama_pro on {len(cases)} shapes, e.g. 8 layers, 2 groups: {llama_pro(8, 2).sources}"
 
 
@@ -578,10 +584,7 @@ def _dus_plan(layers) -> str:
             "dropped m/2 from each copy: SOLAR drops m layers from each, 2(L - m) in all":
                 list(range(n - m // 2)) + list(range(m // 2, n)),
         }
-        for message, wrong in mistakes.items():
-            if got == wrong:
-                raise Wrong(f"{message} (for n_layers={n}, drop={m}: expected {want}, got {got})")
-        raise Wrong(f"for n_layers={n}, drop={m}: expected {want}, got {got} — {_first_difference(got, want)}")
+        _wrong_layers(got, want, mistakes, f"n_layers={n}, drop={m}")
     return f"equals deepen.plan.dus on {len(cases)} shapes, e.g. 32 layers, drop 8 -> {len(dus(32, 8).sources)} layers"
 
 
