@@ -357,7 +357,8 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
             raise ValueError(f"{out} holds a run with another config ({'; '.join(diff)}); resume with the same "
                              "config, or choose another out")
     if (out / FINAL / "config.json").is_file():
-        print(f"{out} holds a finished run; its model is {out / FINAL}")
+        if progress:
+            print(f"{out} holds a finished run; its model is {out / FINAL}")
         return out / FINAL
 
     path = model_path(config.model)
