@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -515,7 +516,14 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
 
     def save(step: int) -> None:
         tmp = out / CHECKPOINTS / f".step-{step:07d}.partial"
-        accelerator.save_state(str(tmp))
+        # accelerate warns "Removed shared tensor" for tied embeddings: saved once and tied again on load, as meant
+        shared = logging.getLogger("accelerate.utils.other")
+        level = shared.level
+        shared.setLevel(logging.ERROR)
+        try:
+            accelerator.save_state(str(tmp))
+        finally:
+            shared.setLevel(level)
         if accelerator.is_main_process:
             (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": step * t.global_batch * seq_len}))
             os.replace(tmp, out / CHECKPOINTS / f"step-{step:07d}")
