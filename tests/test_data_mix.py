@@ -21,6 +21,12 @@ def test_parse_mixture():
         parse_mixture("code:1,code:2")
 
 
+def test_a_local_file_with_a_comma_in_its_name_is_one_corpus(tmp_path):
+    path = tmp_path / "notes,2024.txt"
+    path.write_text("First paragraph.\n\nSecond paragraph.\n")
+    assert parse_mixture(str(path)) is None
+
+
 def corpus(tmp_path, name, n, size):
     folder = tmp_path / name
     folder.mkdir()

@@ -349,3 +349,22 @@ def test_errors_in_and_outside_the_exercises_are_reported(tmp_path):
     assert rows["rmsnorm"] == ("fail", "the check cell (cell 7) raised NameError: name 'rms_norm' is not defined")
     assert rows["swiglu"][0] == "not run" and "cell 8 raised NameError" in rows["swiglu"][1]
     assert rows["(notebook)"] == ("error", "cell 8 raised NameError: name 'undefined_name' is not defined")
+
+
+def test_an_endless_exercise_cell_is_interrupted_and_grading_goes_on(tmp_path):
+    loop = nbformat.v4.new_code_cell("def new_layers(sources):\n    return []\nwhile True:\n    pass")
+    loop.metadata[EXERCISE] = "new_layers"
+    plan = nbformat.v4.new_code_cell("def dus_layers(n_layers, drop):\n    return []")
+    plan.metadata[EXERCISE] = "dus_plan"
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("from deepen import checks"),
+        loop, nbformat.v4.new_code_cell("checks.check_new_layers(new_layers)"),
+        plan, nbformat.v4.new_code_cell("checks.check_dus_plan(dus_layers)"),
+    ])
+    path = tmp_path / "endless.ipynb"
+    nbformat.write(nb, path)
+    assert main(["grade", str(path), "--out", str(tmp_path / "out"), "--timeout", "5"]) == 1
+    rows = {r["exercise"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out")}
+    assert list(rows) == ["new_layers", "dus_plan"]  # no "(notebook)" error: the results were read
+    assert rows["new_layers"][0] == "fail" and "the exercise cell (cell 2) raised" in rows["new_layers"][1]
+    assert rows["dus_plan"][0] == "fail" and rows["dus_plan"][1].startswith("for n_layers=32, drop=8: expected")

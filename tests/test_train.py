@@ -113,6 +113,8 @@ def test_blocks_trains_only_the_listed_original_blocks(base, tmp_path):
         train(config(base, tmp_path / "bad", "grow=null", "method=blocks", "blocks=[1, 9]"), progress=False)
     with pytest.raises(ValueError, match="method blocks trains the decoder layers listed in blocks"):
         config(base, tmp_path / "bad", "method=blocks")
+    with pytest.raises(ValueError, match="method blocks trains layers of the base as it is"):
+        config(base, tmp_path / "bad", "method=blocks", "blocks=[1]")  # with the grow: section of config()
     with pytest.raises(ValueError, match="blocks must be a list of integers"):
         config(base, tmp_path / "bad", "method=blocks", "blocks=[a]")
 

@@ -144,6 +144,8 @@ def test_setting_labels_and_the_runs_folder(tmp_path, monkeypatch):
     assert setting_label({"method": "lora", "lora": {"r": 4}, "grow": None}) == "lora r=4"
     assert setting_label({"method": "blocks", "blocks": [3, 7]}) == "blocks [3, 7]"
     assert setting_label({"method": "full", "grow": {"method": "dus", "drop": 2}}) == "full, grow dus(drop=2)"
+    assert setting_label({"method": "full", "data": {"domain": "general"}}) == "full, on general"  # not the code run
+    assert setting_label({"method": "full", "data": {"domain": "code"}}) == "full"
     monkeypatch.chdir(tmp_path)  # as a notebook in notebooks/: a relative folder is read from the repository
     assert runs_folder("tests") == ROOT / "tests"
     assert runs_folder("no-such-runs") == Path("no-such-runs")

@@ -111,6 +111,7 @@ def _value(hint, value, key: str):
         hint = next(a for a in args if a is not type(None))
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
+    args = typing.get_args(hint)  # of the hint itself, an Optional unwrapped
     if typing.get_origin(hint) is list:
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list, got {value!r}")
@@ -137,6 +138,9 @@ def check(config: RunConfig) -> RunConfig:
     if (config.method == "blocks") != bool(config.blocks):
         raise ValueError("method blocks trains the decoder layers listed in blocks (e.g. blocks=[3,7]); "
                          + ("blocks is empty" if config.method == "blocks" else f"blocks is set but method is {config.method}"))
+    if config.method == "blocks" and config.grow is not None:
+        raise ValueError("method blocks trains layers of the base as it is (no new parameters); set grow=null, or use "
+                         "method llama-pro to train the layers a plan adds")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
     for key in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "save_every"):

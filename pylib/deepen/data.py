@@ -358,7 +358,7 @@ def parse_mixture(name: str) -> list[tuple[str, float]] | None:
     """[(corpus, weight), ...] for a mixture "code:0.6,math:0.4" (two or more comma-separated name:weight
     parts; weights are relative: 3 and 2 mean 0.6 and 0.4); None for a single corpus name (a hub name such as
     "user/data:config" has no comma and stays one corpus)."""
-    if "," not in name:
+    if "," not in name or _local_files(name):  # a local file may have a comma in its name
         return None
     mixture = []
     for part in (p.strip() for p in name.split(",")):

@@ -75,7 +75,11 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
     path = Path(path)
     nb = nbformat.read(path, as_version=4) if nb is None else nb
     expected = exercises(nb)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    from nbclient.exceptions import DeadKernelError
+
+    # interrupt_on_timeout: a cell that runs too long (a student's endless loop) is stopped, so the cells after it
+    # and the final read of the results still run
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", interrupt_on_timeout=True,
                             resources={"metadata": {"path": str(path.parent)}})
     error, found, broken = None, [], {}  # broken: exercise -> the error its own cell raised
     with client.setup_kernel():
@@ -87,6 +91,9 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
                 client.execute_cell(cell, index)
             except Exception as e:  # noqa: BLE001 — a cell's error, a timeout, a dead kernel: reported, not raised
                 message = f"(cell {index + 1}) raised {_error(e)}"
+                if isinstance(e, DeadKernelError):  # nothing more can run, the results included
+                    error = f"cell {index + 1}: the kernel died ({_error(e)})"
+                    break
                 if cell.metadata.get(EXERCISE):  # the student's own cell: that exercise fails, the others go on
                     broken[cell.metadata[EXERCISE]] = f"the exercise cell {message}"
                 elif checked:  # a check cell raises only when the student renamed or deleted what it checks
@@ -97,8 +104,9 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
         collect = nbformat.v4.new_code_cell("import deepen.checks\ndeepen.checks.emit()")
         nb.cells.append(collect)
         try:
-            client.execute_cell(collect, len(nb.cells) - 1)
-            found = _emitted(collect)
+            if error is None or "kernel died" not in error:
+                client.execute_cell(collect, len(nb.cells) - 1)
+                found = _emitted(collect)
         except Exception as e:  # noqa: BLE001
             error = error or f"the results could not be read: {_error(e)}"
         finally:

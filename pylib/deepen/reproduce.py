@@ -179,9 +179,13 @@ def run(rung: str = "tiny", seeds: int = 2, jobs: int = 2, overrides: list[str] 
             bar.update()
     else:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_one, args) for args in todo.values()]):
-                future.result()  # a failed run fails the whole reproduction, with its error
-                bar.update()
+            try:
+                for future in as_completed([pool.submit(_one, args) for args in todo.values()]):
+                    future.result()  # a failed run fails the whole reproduction, with its error
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # not the runs queued behind it
+                raise
     bar.close()
 
     results = pd.DataFrame([_row(e, seed, root / f"{e.run.name}-s{seed}") for e in entries for seed in range(seeds)])
@@ -242,8 +246,9 @@ def _shown(folder: Path) -> str:
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Seed means per experiment and variant, with forgetting and gain against the *base* (not the grown model
-    at step 0: for recovery runs that is the damaged model)."""
+    """Seed means per experiment and variant. Forgetting: general perplexity at the end / the *base's* (not the
+    grown model's at step 0: for recovery runs that is the damaged model). Gain: domain perplexity at the run's
+    step 0 / at its end (for recovery runs, from the damaged model)."""
     base = results[results["run"].isin(["full", "recovery-base"])]
     df = results.copy()
     # step 0 of a run that starts from the ungrown base: the base's perplexities, the same for every seed

@@ -236,9 +236,9 @@ def load_model(model=None, tokenizer=None):
         model, tokenizer = tiny_base()
         return model, tokenizer, "tiny base"
     if isinstance(model, (str, Path)):
-        from deepen.models import resolve
+        from deepen.train import model_path
 
-        path = resolve(model)
+        path = model_path(str(model))  # "tiny-base", "smollm2", a folder or a hub id
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     name = Path(model.name_or_path).name or type(model).__name__
     return model, tokenizer or AutoTokenizer.from_pretrained(model.name_or_path), name
@@ -370,7 +370,9 @@ def setting_label(config: dict) -> str:
     if method == "blocks":
         method += f" {config.get('blocks')}"
     grow = grow_label(config)
-    return method if grow == "none" else f"{method}, grow {grow}"
+    label = method if grow == "none" else f"{method}, grow {grow}"
+    domain = (config.get("data") or {}).get("domain")
+    return f"{label}, on {domain}" if domain and domain != "code" else label  # code: the built-in default domain
 
 
 def runs_folder(runs: str | Path) -> Path:
