@@ -213,10 +213,25 @@ def test_presets_fit_their_rung():
     smol = B.budget(SMOL, gpus=1, gpu_memory=24)
     assert smol.fits and smol.accumulation == 4
     eight = B.budget(LLAMA_PRO, gpus=8)
-    assert eight.accumulation == 32 and eight.notes == [
-        "frozen weights are counted in bf16 (2 bytes); deepen train loads every weight in fp32 and computes in bf16 "
-        "copies, so today it holds them in fp32: +1.7 GB per GPU"]
+    assert eight.accumulation == 32 and not eight.notes  # llama-pro: deepen train holds frozen weights in bf16
     assert not B.budget(LLAMA_PRO, gpus=8, method="full").notes
+    assert B.budget(LLAMA_PRO, gpus=8, method="lora").notes == [
+        "frozen weights are counted in bf16 (2 bytes); deepen train holds them in fp32 where an FSDP unit (a decoder "
+        "layer; the embeddings, norm and head) mixes frozen and trainable parameters, as lora does here: "
+        "+2.1 GB per GPU"]
+
+
+@pytest.mark.parametrize("overrides, fp32", [
+    (["grow={method: llama-pro, groups: 2}"], False),  # new blocks learn, every other unit is frozen
+    (["method=blocks", "blocks=[1, 3]"], False),
+    (["method=blocks", "blocks=[1, 3]", "also_train=[norm]"], True),  # norms learn inside frozen layers
+    (["method=blocks", "blocks=[1, 3]", "also_train=[embed_tokens]"], True),  # embeddings learn, the final norm not
+    (["method=lora"], True),  # adapters inside frozen layers
+    (["method=full"], False),  # nothing frozen
+])
+def test_frozen_weights_are_in_fp32_only_where_a_unit_mixes(overrides, fp32):
+    """The same rule as deepen.train.uniform_units (tests/test_train.py runs it on real models)."""
+    assert B.frozen_in_fp32(B.shape_of(run_config("model=tiny-base", *overrides))) == fp32
 
 
 def test_cli(capsys):

@@ -16,7 +16,7 @@ from deepen.config import load_config
 from deepen.data import tiny_tokenizer
 from deepen.grow import grow
 from deepen.plan import llama_pro
-from deepen.train import CHECKPOINTS, METRICS, train
+from deepen.train import CHECKPOINTS, METRICS, hold_frozen_in_bf16, select_trainable, train
 
 GROW = "grow={method: llama-pro, groups: 2}"  # 4 -> 6 layers; new: 2 and 5
 NEW = llama_pro(4, groups=2).new_layers
@@ -232,6 +232,64 @@ def test_gradient_checkpointing_and_bf16(base, tmp_path):
     half = records(train(config(base, tmp_path / "bf16", "train.steps=2", "train.precision=bf16"), progress=False).parent)
     assert [r["loss"] for r in half[1:]] == pytest.approx([r["loss"] for r in plain[1:]], rel=2e-2)
     assert [r["loss"] for r in half[1:]] != [r["loss"] for r in plain[1:]]  # autocast did run in bf16
+
+
+def test_bf16_llama_pro_holds_frozen_weights_in_bf16_and_resumes_exactly(base, tmp_path):
+    new = tuple(f"model.layers.{i}." for i in NEW)
+    held = []
+
+    def dtypes(record, model):
+        held.append(({n: p.dtype for n, p in model.named_parameters()},  # a tied parameter is listed once
+                     model.lm_head.weight is model.model.embed_tokens.weight))
+
+    bf16 = ["train.steps=6", "train.precision=bf16"]
+    whole = train(config(base, tmp_path / "whole", *bf16), progress=False, callback=dtypes)
+    assert len(held) == 6 and all(h == held[0] for h in held)
+    during, tied = held[0]
+    assert tied and "model.embed_tokens.weight" in during
+    assert {n for n, d in during.items() if d == torch.float32} == {n for n in during if n.startswith(new)}
+    assert {d for n, d in during.items() if not n.startswith(new)} == {torch.bfloat16}  # frozen: 2 bytes each
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(whole.parent)[1:])
+
+    # saved in fp32: the new blocks as trained, the rest the base's weights rounded to bf16 (held so, never changed)
+    grown = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2)).state_dict()
+    trained = weights(whole)
+    assert {t.dtype for t in trained.values()} == {torch.float32} and "lm_head.weight" not in trained  # tied: once
+    for name, before in grown.items():
+        if name != "lm_head.weight":
+            expected = before if name.startswith(new) else before.to(torch.bfloat16).float()
+            assert torch.equal(trained[name], expected) != name.startswith(new), name
+    assert json.loads((whole / "config.json").read_text())["dtype"] == "float32"
+    assert LlamaForCausalLM.from_pretrained(whole).dtype == torch.float32
+
+    with pytest.raises(Stop):  # killed after step 3; the last checkpoint is step 2
+        train(config(base, tmp_path / "cut", *bf16), progress=False, callback=stop_at(3))
+    resumed = train(config(base, tmp_path / "cut", *bf16), progress=False)
+    keys = ("step", "loss", "lr", "ppl_general", "ppl_domain")
+    assert [[r.get(k) for k in keys] for r in records(tmp_path / "cut")] == \
+        [[r.get(k) for k in keys] for r in records(tmp_path / "whole")]  # exactly: the same floats
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_bf16_keeps_fp32_where_a_unit_mixes_frozen_and_trainable(base, tmp_path):
+    seen = []
+    train(config(base, tmp_path / "lora", "method=lora", "lora.r=4", "train.steps=1", "train.precision=bf16"),
+          progress=False, callback=lambda record, model: seen.append({p.dtype for p in model.parameters()}))
+    assert seen == [{torch.float32}]  # adapters inside frozen layers: every weight in fp32, as before
+
+    def grown(method, layers, also_train=()):
+        model = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2))
+        select_trainable(model, method, layers, also_train)
+        return model, hold_frozen_in_bf16(model)
+
+    for method, layers, also_train in [("full", [], ()), ("blocks", [1, 3], ["norm"]), ("blocks", [1], ["embed"])]:
+        model, cast = grown(method, layers, also_train)  # norms learn inside frozen layers; embeddings, not the norm
+        assert not cast and {p.dtype for p in model.parameters()} == {torch.float32}, (method, also_train)
+    model, cast = grown("blocks", [1, 3])
+    assert cast and {n.split(".")[2] for n, p in model.named_parameters()
+                     if p.dtype == torch.float32 and n.startswith("model.layers.")} == {"1", "3"}
+    assert model.model.norm.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.slow

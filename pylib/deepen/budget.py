@@ -310,9 +310,10 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     """Bytes per GPU, by component, all counted as live at once (an upper bound: with one micro-batch per step
     the gradients only build up as the activations are freed, so the true peak can be lower by up to the
     gradients; with gradient accumulation the gradients of earlier micro-batches are there from the start).
-      - frozen weights: 2 bytes each in bf16 (4 in fp32) — what the method needs; deepen.train loads every
-        weight in fp32 (autocast and FSDP2 compute in bf16 copies), so it holds them at 4 bytes today, which
-        `budget` states in its notes — and trainable weights, gradients and AdamW state
+      - frozen weights: 2 bytes each in bf16 (4 in fp32), as deepen.train holds them when every FSDP unit (each
+        decoder layer; the embeddings, norm and head) is wholly frozen or wholly trainable — llama-pro, blocks;
+        where a unit mixes them (lora, an also_train inside frozen layers) it keeps them in fp32, 4 bytes, which
+        `budget` states in its notes (`frozen_in_fp32`) — and trainable weights, gradients and AdamW state
         (`state_bytes`), all divided over the GPUs by fsdp and zero3, replicated by ddp;
       - gathered (fsdp, zero3, also on one GPU: the bf16 copies are made there too): the root module (embeddings, norm, head) stays gathered in 16-bit from
         forward to backward, plus two layers in flight (the one computing and the one prefetched), plus one
@@ -423,6 +424,16 @@ class Budget:
         return d
 
 
+def frozen_in_fp32(shape: Shape) -> bool:
+    """Whether deepen.train keeps the frozen weights of a bf16 run in fp32: when a decoder layer, or the rest
+    (embeddings, final norm, head), mixes frozen and trainable parameters (deepen.train.uniform_units; FSDP2
+    wants one original dtype per unit). Otherwise it holds them in bf16, as `memory` counts them."""
+    embeddings, head = shape.stages[0], shape.stages[-1]
+    units = [(s.params, s.trainable) for s in shape.blocks]
+    units.append((embeddings.params + head.params, embeddings.trainable + head.trainable))
+    return any(0 < trainable < params for params, trainable in units)
+
+
 _SHAPES: dict[str, Shape] = {}
 
 
@@ -458,11 +469,11 @@ def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0,
         notes.append(f"global_batch {t.global_batch} is not a multiple of micro_batch {micro_batch} × {gpus} GPUs: "
                      f"pick a GPU count or micro_batch that divides it")
     frozen = shape.params - shape.trainable
-    if t.precision == "bf16" and frozen:
+    if t.precision == "bf16" and frozen and frozen_in_fp32(shape):
         shards = gpus if strategy in ("fsdp", "zero3") else 1
-        notes.append(f"frozen weights are counted in bf16 (2 bytes); deepen train loads every weight in fp32 and "
-                     f"computes in bf16 copies, so today it holds them in fp32: +{frozen * 2 / shards / GB:.1f} GB "
-                     f"per GPU")
+        notes.append(f"frozen weights are counted in bf16 (2 bytes); deepen train holds them in fp32 where an FSDP "
+                     f"unit (a decoder layer; the embeddings, norm and head) mixes frozen and trainable parameters, "
+                     f"as {run.method} does here: +{frozen * 2 / shards / GB:.1f} GB per GPU")
     return Budget(model=shape.name, method=run.method, strategy=strategy, gpus=gpus, gpu_memory=gpu_memory,
                   precision=t.precision, seq_len=run.data.seq_len, micro_batch=micro_batch,
                   global_batch=t.global_batch, checkpointing=checkpointing, params=shape.params,

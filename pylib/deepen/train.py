@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -265,7 +266,8 @@ def model_path(name: str) -> str:
 
 
 def _load_model(config, path: str):
-    """(model, manifest or None): the run's model in fp32, grown by its plan if it has one."""
+    """(model, manifest or None): the run's model in fp32, grown by its plan if it has one (a bf16 run then holds
+    its frozen weights in bf16: `hold_frozen_in_bf16`)."""
     from transformers import AutoModelForCausalLM
 
     from deepen.budget import grow_plan
@@ -282,6 +284,57 @@ def _load_model(config, path: str):
     else:
         manifest = None
     return model, manifest
+
+
+def uniform_units(model: torch.nn.Module) -> bool:
+    """Whether each FSDP unit of `model` is wholly trainable or wholly frozen: each decoder layer (one unit per
+    layer, as configs/accelerate/fsdp2-8gpu.yaml wraps them) and the rest (embeddings, final norm, head). True for
+    llama-pro, and for blocks without also_train; false for lora (adapters inside frozen layers) and for an
+    also_train that reaches into frozen layers (e.g. "norm")."""
+    units: dict[str, set[bool]] = {}
+    for name, p in model.named_parameters():
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        units.setdefault(layer.group(1) if layer else "rest", set()).add(p.requires_grad)
+    return all(len(learns) == 1 for learns in units.values())
+
+
+def hold_frozen_in_bf16(model: torch.nn.Module) -> bool:
+    """In a bf16 run, hold the parameters that do not learn in bf16 (2 bytes, what deepen.budget counts); those
+    that learn stay fp32, the master weights AdamW updates (its state is fp32 too). Only when `uniform_units`:
+    FSDP2 wants one original dtype per unit, so a model with a unit that mixes frozen and trainable parameters
+    (lora, an also_train inside frozen layers) keeps every weight in fp32, as before (full: nothing is frozen;
+    peft's usual bf16 base under fp32 adapters would mix dtypes inside each layer's unit). Call after
+    select_trainable and before the optimizer and accelerator.prepare. Returns whether it cast anything.
+
+    Tied embeddings stay tied: embed_tokens and lm_head are one Parameter, cast once in place (`.data`).
+    Under autocast the forward then runs as before except for the residual stream's dtype: the frozen embedding
+    gives bf16 hidden states and every residual add is bf16 + bf16 (the attention and MLP outputs come from
+    autocast linears), so the residual stream is bf16 throughout (it was fp32: fp32 embeddings), as it already
+    was under FSDP2, which computes with bf16 copies of every weight. RMSNorm normalises in fp32 and multiplies
+    by its weight after casting back to the input dtype: a frozen (bf16) norm gives bf16, a trainable (fp32)
+    one promotes to fp32, and the next autocast linear takes either; the logits are bf16 and the loss upcasts
+    them to fp32."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # a tied parameter is listed once
+    if not frozen or not uniform_units(model):
+        return False
+    for p in frozen:
+        p.data = p.data.to(torch.bfloat16)
+    return True
+
+
+def _in_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with its bf16 tensors widened to fp32 on the CPU (exact: every bf16 value is an fp32 value);
+    a tensor under two names (tied embeddings) stays one tensor, so it is still saved once."""
+    widened: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        if tensor.dtype == torch.bfloat16:
+            key = (tensor.data_ptr(), tensor.shape)
+            if key not in widened:
+                widened[key] = tensor.to("cpu", torch.float32)
+            tensor = widened[key]
+        out[name] = tensor
+    return out
 
 
 _PACKED: dict[tuple, torch.Tensor] = {}
@@ -390,7 +443,8 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     held-out perplexity on the general and the domain corpus at step 0, every `eval_every` steps and at the
     end), checkpoints/step-N (weights as safetensors, optimizer, RNG, schedule and data position; written to a
     temporary folder and renamed, only the last kept) and model/ (loadable by from_pretrained, with its
-    tokenizer and, for a grown model, expansion.json; a lora run is merged into the base weights).
+    tokenizer and, for a grown model, expansion.json; a lora run is merged into the base weights; fp32).
+    A bf16 run holds its frozen weights in bf16 where FSDP allows it (`hold_frozen_in_bf16`).
 
     Data: `streams` says which corpora stream — hub datasets by default (data.streaming: None), any corpus with
     data.streaming: true — read, split, packed and shuffled as they go in bounded memory (`StreamedBatches`); the
@@ -481,6 +535,7 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {config.method} left no parameter to train; check also_train and lora.targets")
+    frozen_in_bf16 = t.precision == "bf16" and hold_frozen_in_bf16(model)  # before the optimizer and prepare
     model.config.use_cache = False
     if t.gradient_checkpointing:
         # use_reentrant=False: the reentrant variant gives no gradients when a block's input needs none (llama-pro)
@@ -579,9 +634,17 @@ def train(config, *, progress: bool = True, callback=None) -> Path:
         final = accelerator.unwrap_model(model)
         if config.method == "lora":
             final, state = final.merge_and_unload(), None  # a plain model: the adapters added into the base weights
+        elif frozen_in_bf16:
+            # saved in fp32, like every other run: the trained weights as their fp32 masters, the frozen ones
+            # widened exactly from the bf16 they were held (and computed) in; so nothing is lost, the file has
+            # one dtype, and config.json says float32 (from_pretrained's dtype="auto" loads it as such)
+            state = _in_fp32(state if state is not None else final.state_dict())
         final.config.use_cache = True
         with atomic_folder(out / FINAL, overwrite=True) as tmp:
             final.save_pretrained(tmp, state_dict=state)
+            if frozen_in_bf16:  # save_pretrained wrote the dtype of the first parameter, the bf16 embeddings
+                final.config.dtype = "float32"
+                final.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             if manifest is not None:  # the growth, and that the model has since been trained (no longer identical)
                 trained = {"method": config.method, "domain": d.domain, "steps": t.steps,
