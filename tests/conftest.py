@@ -11,6 +11,23 @@ torch.set_num_threads(1)  # pytest -n 2 on 2 cores: one thread per worker
 
 
 @pytest.fixture(scope="session")
+def small_llama_path(tmp_path_factory):
+    """A random 4-layer Llama of width 32 (tied embeddings) with the tiny BPE tokenizer, saved to a folder: small
+    for testing efficiency, for tests that train."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deepen.data import tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("small-llama")
+    model.save_pretrained(path)
+    tiny_tokenizer(4096).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """Local folder of the real SmolLM2-135M-Instruct (converted once from the offline GGUF and cached)."""
     from deepen.models import smollm2

@@ -9,7 +9,6 @@ import random
 import datasets
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import deepen.data
 from deepen.config import DataConfig, load_config
@@ -92,14 +91,8 @@ def test_the_shuffle_is_bounded_and_deterministic(corpus, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    path = tmp_path_factory.mktemp("base")
-    model.save_pretrained(path)
-    tiny_tokenizer(4096).save_pretrained(path)
-    return path
+def base(small_llama_path):
+    return small_llama_path
 
 
 def config(base, out, *overrides):

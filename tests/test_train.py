@@ -9,11 +9,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from deepen.cli import main
 from deepen.config import load_config
-from deepen.data import tiny_tokenizer
 from deepen.grow import grow
 from deepen.plan import llama_pro
 from deepen.train import CHECKPOINTS, METRICS, hold_frozen_in_bf16, select_trainable, train
@@ -23,14 +22,8 @@ NEW = llama_pro(4, groups=2).new_layers
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
-    path = tmp_path_factory.mktemp("base")
-    model.save_pretrained(path)
-    tiny_tokenizer(4096).save_pretrained(path)
-    return path
+def base(small_llama_path):
+    return small_llama_path
 
 
 def config(base, out, *overrides):
