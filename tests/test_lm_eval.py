@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
-
-from deepen.evaluate import PAPER_METRICS, PAPER_TASKS, benchmarks  # noqa: E402
-from deepen.llama import Llama  # noqa: E402
+from deepen.evaluate import PAPER_METRICS, PAPER_TASKS, benchmarks
+from deepen.llama import Llama
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 QUESTIONS = [json.loads(line) for line in (TASKS / "deepen_easy" / "questions.jsonl").read_text().splitlines()]
@@ -107,3 +105,12 @@ def test_cli_prints_a_table_of_task_metrics(capsys):
     assert lines[0].split() == ["task", "metric", "value", "stderr"]
     assert [line.split()[:2] for line in lines[1:]] == [["deepen_easy", "acc"], ["deepen_easy", "acc_norm"]]
     assert all(0 <= float(line.split()[2]) <= 1 for line in lines[1:])
+
+
+def test_headline_picks_each_papers_metric_and_averages():
+    from deepen.evaluate import headline
+
+    scores = {"arc_challenge": {"acc": 0.5, "acc_norm": 0.6}, "mmlu": {"acc": 0.4}, "deepen_easy": {"acc": 1.0},
+              "gsm8k": {"exact_match,flexible-extract": 0.3}}  # not the strict-match metric the papers report
+    assert headline(scores) == {"arc_challenge": 0.6, "mmlu": 0.4, "average": pytest.approx(0.5)}
+    assert headline({"mmlu": {"acc": 0.4}}) == {"mmlu": 0.4}  # one task: no average

@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deepen.evaluate import benchmarks, evaluate
+    from deepen.evaluate import benchmarks, evaluate, headline
     from deepen.train import model_path
 
     path = model_path(args.model)
@@ -120,6 +120,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 if not name.endswith("_stderr"):
                     stderr = metrics.get(f"{name}_stderr{comma}{filt}")
                     print(f"{task:<28} {metric:<28} {value:>8.4f} {'' if stderr is None else f'{stderr:.4f}':>8}")
+        papers = headline(scores)
+        if "average" in papers:
+            print("the papers' metric per task: " + ", ".join(f"{t} {v:.4f}" for t, v in papers.items()
+                                                               if t != "average") + f"; average {papers['average']:.4f}")
     return 0
 
 

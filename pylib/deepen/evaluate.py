@@ -70,7 +70,8 @@ PAPER_METRICS = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "mmlu": "
 
 def benchmarks(model, tasks, *, tokenizer=None, limit: int | float | None = None,
                num_fewshot: int | dict[str, int] | None = None, batch_size: int = 8, include_path=None,
-               device: str | None = None, confirm_run_unsafe_code: bool = False) -> dict[str, dict[str, float]]:
+               device: str | None = None, confirm_run_unsafe_code: bool = False,
+               dtype: torch.dtype = torch.float32) -> dict[str, dict[str, float]]:
     """Run lm-evaluation-harness tasks on a model: {task: {metric: value}}.
 
     model: a transformers causal LM (then `tokenizer` too, or it is loaded from `model.name_or_path`), or a model
@@ -78,7 +79,8 @@ def benchmarks(model, tasks, *, tokenizer=None, limit: int | float | None = None
     ("solar", "llama-pro") for its benchmarks at its few-shot counts. num_fewshot: one count for every task, or
     {task: count}; None keeps each task's (or the paper's) own. include_path: folder(s) of local task YAMLs.
     limit: examples per task (a fraction when < 1), for a quick look. device: where a model loaded from a name
-    goes (default cuda when present; a model object stays where it is). confirm_run_unsafe_code: allow tasks that
+    goes (default cuda when present; a model object stays where it is), in `dtype` (bfloat16 halves a 7B model's
+    memory). confirm_run_unsafe_code: allow tasks that
     execute the model's code (HumanEval, MBPP). Metric names are the harness's, its ",none" filter dropped
     ("acc", "acc_norm", "acc_stderr", "exact_match,strict-match", ...).
     """
@@ -100,7 +102,7 @@ def benchmarks(model, tasks, *, tokenizer=None, limit: int | float | None = None
         from deepen.train import model_path
 
         path = model_path(str(model))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = tokenizer or path
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -120,6 +122,14 @@ def benchmarks(model, tasks, *, tokenizer=None, limit: int | float | None = None
     finally:
         model.train(was_training)
     return results
+
+
+def headline(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{task: the metric its paper reports} for the tasks of `scores` that PAPER_METRICS names, and "average" (the
+    papers' H6-style mean) when there are two or more."""
+    picked = {task: scores[task][metric] for task, metric in PAPER_METRICS.items()
+              if task in scores and metric in scores[task]}
+    return {**picked, "average": sum(picked.values()) / len(picked)} if len(picked) > 1 else picked
 
 
 def _task_shots(tasks, num_fewshot) -> dict[str, int | None]:
