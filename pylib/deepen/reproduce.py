@@ -128,7 +128,7 @@ def _ordinal(k: int) -> str:
     return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
-def _one(args: tuple) -> dict:
+def _one(args: tuple) -> None:
     """Train one run (in a worker process); a finished run returns at once."""
     config_path, overrides, out, threads = args
     import torch
