@@ -71,7 +71,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deepen.config import load_config
-    from deepen.train import METRICS, train
+    from deepen.train import read_metrics, train
 
     from accelerate import PartialState
 
@@ -79,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = train(load_config(args.config, overrides))
     if not PartialState().is_main_process:
         return 0  # under torchrun / accelerate launch: one report
-    evals = [r for r in map(json.loads, (out.parent / METRICS).read_text().splitlines()) if "ppl_general" in r]
+    evals = [r for r in read_metrics(out.parent) if "ppl_general" in r]
     if evals:
         first, last = evals[0], evals[-1]
         print(f"held-out perplexity, step {first['step']} -> {last['step']}: "

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from deepen import REPO
 from deepen.checkpoint import expand
 from deepen.config import load_config
 from deepen.models import smollm2
 from deepen.plan import dus, llama_pro
-from deepen.train import METRICS, train
+from deepen.train import read_metrics, train
 from deepen.verify import verify
 
-CPT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+CPT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
 
 def _step(title: str) -> None:
@@ -56,7 +57,7 @@ def run(out: str | Path = "runs/demo") -> int:
         config = load_config(CPT_CONFIG if CPT_CONFIG.is_file() else "configs/tiny-cpu.yaml",
                              [f"method={method}", f"out={out / f'tiny-cpt-{method}'}"])
         model_dir = train(config)
-        evals = [r for r in map(json.loads, (model_dir.parent / METRICS).read_text().splitlines()) if "ppl_general" in r]
+        evals = [r for r in read_metrics(model_dir.parent) if "ppl_general" in r]
         first, last = evals[0], evals[-1]
         rows.append({"method": method, "steps": last["step"], "general ppl before": first["ppl_general"],
                      "general ppl after": last["ppl_general"], "code ppl before": first["ppl_domain"],

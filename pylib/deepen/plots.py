@@ -15,8 +15,9 @@ def figures_dir() -> Path:
     """$DEEPEN_FIGURES, else the repository's figures/ folder (else ./figures)."""
     if os.environ.get("DEEPEN_FIGURES"):
         return Path(os.environ["DEEPEN_FIGURES"])
-    repo = Path(__file__).resolve().parents[2]
-    return repo / "figures" if (repo / "pyproject.toml").is_file() else Path("figures")
+    from deepen import REPO
+
+    return REPO / "figures" if (REPO / "pyproject.toml").is_file() else Path("figures")
 
 
 def save(fig: plt.Figure, name: str, folder: str | Path | None = None) -> Path:

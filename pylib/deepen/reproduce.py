@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[2]
+from deepen import REPO
+
 RUNGS = {"tiny": "configs/tiny-cpu.yaml", "smol": "configs/smol-gpu.yaml"}
 EXPERIMENTS = ("methods", "placement", "n_blocks", "recovery")
 
@@ -206,16 +207,12 @@ def runs_dir() -> Path:
     return (REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()) / "runs" / "reproduce"
 
 
-def _metrics(folder: Path) -> list[dict]:
-    from deepen.train import METRICS
-
-    return [json.loads(line) for line in (folder / METRICS).read_text().splitlines()]
-
-
 def _row(entry: Entry, seed: int, folder: Path) -> dict:
     import yaml
 
-    records = _metrics(folder)
+    from deepen.train import read_metrics
+
+    records = read_metrics(folder)
     evals = [r for r in records if "ppl_general" in r]
     first, last = evals[0], evals[-1]
     config = yaml.safe_load((folder / "config.yaml").read_text())
@@ -336,6 +333,7 @@ def figures(results: pd.DataFrame, prefix: str, out: str | Path | None = None) -
     import seaborn as sns
 
     from deepen import plots
+    from deepen.train import read_metrics
 
     summary = summarise(results)
     df = results.merge(summary[["experiment", "variant"]], on=["experiment", "variant"])
@@ -361,7 +359,7 @@ def figures(results: pd.DataFrame, prefix: str, out: str | Path | None = None) -
         plt.close(fig)
     curves = []
     for _, row in results.iterrows():
-        for r in _metrics(REPO / row["folder"]):  # a relative folder is the repository's; an absolute one stays
+        for r in read_metrics(REPO / row["folder"]):  # a relative folder is the repository's; an absolute one stays
             if "ppl_general" in r:
                 curves.append({"experiment": row["experiment"], "variant": row["variant"], "seed": row["seed"],
                                "tokens": r["tokens"], "general": r["ppl_general"], "domain": r["ppl_domain"]})

@@ -113,7 +113,9 @@ def load_config(config: str | os.PathLike | dict) -> dict:
         cfg = json.loads(json.dumps(config))  # a deep copy
     else:
         path = Path(config)
-        repo_path = Path(__file__).resolve().parents[2] / path
+        from deepen import REPO
+
+        repo_path = REPO / path
         if not path.is_file() and not path.is_absolute() and repo_path.is_file():
             path = repo_path
         if not path.is_file():
@@ -230,6 +232,18 @@ def tiny_base(config: str | os.PathLike | dict = TINY_BASE_CONFIG, threads: int 
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+
+
+def read_metrics(folder: str | os.PathLike) -> list[dict]:
+    """The records of a run folder's metrics.jsonl, one per logged step (a partly written line of a run in
+    progress is skipped); those with "ppl_general" are the held-out evaluations."""
+    records = []
+    for line in Path(folder, METRICS).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 FINAL = "model"
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -378,10 +377,11 @@ def setting_label(config: dict) -> str:
 def runs_folder(runs: str | Path) -> Path:
     """`runs` as given; a relative path that is not in the working directory is read from the repository (a
     notebook runs in notebooks/, `make reproduce` writes runs/reproduce at the top)."""
+    from deepen import REPO
+
     path = Path(runs)
-    repo = Path(__file__).resolve().parents[2]
-    if not path.is_absolute() and not path.exists() and (repo / "pyproject.toml").is_file() and (repo / path).exists():
-        return repo / path
+    if not path.is_absolute() and not path.exists() and (REPO / "pyproject.toml").is_file() and (REPO / path).exists():
+        return REPO / path
     return path
 
 
@@ -393,19 +393,16 @@ def read_runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     before / after). A partly written last line (a run in progress) is skipped."""
     root = Path(root)
     records, runs = [], []
-    for path in sorted(root.rglob("metrics.jsonl")):
+    from deepen import train
+
+    for path in sorted(root.rglob(train.METRICS)):
         folder = path.parent
         name = folder.relative_to(root).as_posix() if folder != root else root.name
         config_path = folder / "config.yaml"
         config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
         run = {"run": name, "method": config.get("method", "?"), "grow": grow_label(config),
                "setting": setting_label(config)}
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append({**run, **json.loads(line)})
-            except json.JSONDecodeError:
-                continue
+        rows = [{**run, **record} for record in train.read_metrics(folder)]
         if not rows:
             continue
         frame = pd.DataFrame(rows)
