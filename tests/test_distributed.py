@@ -38,7 +38,9 @@ from transformers import AutoModelForCausalLM
 from deepen.config import load_config
 from deepen.grow import grow
 from deepen.plan import llama_pro
-from deepen.train import METRICS, model_path, train
+from deepen.grow import layer_of
+from deepen.rundir import METRICS
+from deepen.train import model_folder, train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -47,7 +49,7 @@ STEPS = 3
 OVERRIDES = [f"train.steps={STEPS}", "train.micro_batch=2", f"train.eval_every={STEPS}", "train.eval_batches=1",
              f"train.save_every={STEPS}", f"data.max_tokens={STEPS * 8 * 128}"]
 
-CHILD = r'''
+SHIM = r'''
 import json, re, sys
 import torch
 torch.set_num_threads(1)
@@ -67,6 +69,9 @@ def init(self, *args, **kwargs):  # the one shim: accelerate enables FSDP only f
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 PartialState.__init__ = init
+'''
+
+CHILD = SHIM + r'''
 
 scattered = []  # elements reduce-scattered: FSDP2's gradient reduction
 _reduce_scatter = dist.reduce_scatter_single
@@ -135,6 +140,21 @@ train(config, progress=False, callback=callback)
 '''
 
 
+# Train under FSDP2; with a step number after the run config's path, stop (as if killed) after that step.
+RESUME_CHILD = SHIM + r'''
+from deepen.config import load_config
+from deepen.train import train
+
+stop = int(sys.argv[2])
+
+def callback(record, model):
+    if record["step"] == stop:
+        raise SystemExit(3)
+
+train(load_config(sys.argv[1], sys.argv[3:]), progress=False, callback=callback)
+'''
+
+
 def cpu_fsdp2_config(path: Path, mixed_precision: str) -> Path:
     """configs/accelerate/fsdp2-8gpu.yaml for 2 CPU processes: every FSDP setting kept, `mixed_precision`
     "no" (fp32) or "bf16" (the file's own)."""
@@ -151,10 +171,6 @@ def records(out) -> list[dict]:
 
 RUN_CONFIG = REPO / "configs/tiny-cpu.yaml"
 NEW = llama_pro(8, groups=2).new_layers  # [4, 9]
-
-
-def layer_of(name: str) -> int | None:
-    return int(name.split("layers.")[1].split(".")[0]) if "layers." in name else None
 
 
 def one_and_two_processes(tmp_path: Path, precision: str) -> tuple[Path, Path, list[dict]]:
@@ -276,7 +292,7 @@ def test_fsdp2_on_cpu_in_bf16_holds_frozen_shards_in_bf16_and_matches_one_proces
     # elements' updates, so an elementwise tolerance would be a whole step and check little).
     assert json.loads((two / "model" / "config.json").read_text())["dtype"] == "float32"
     wa, wb = final_weights(one, two)
-    grown = grow(AutoModelForCausalLM.from_pretrained(model_path("tiny-base"), dtype=torch.float32),
+    grown = grow(AutoModelForCausalLM.from_pretrained(model_folder("tiny-base"), dtype=torch.float32),
                  llama_pro(8, groups=2)).state_dict()
     for name in wa:
         assert wa[name].dtype == wb[name].dtype == torch.float32, name
@@ -286,3 +302,34 @@ def test_fsdp2_on_cpu_in_bf16_holds_frozen_shards_in_bf16_and_matches_one_proces
         else:
             assert torch.equal(wa[name], grown[name].bfloat16().float()), name
             assert torch.equal(wb[name], wa[name]), name
+
+
+@pytest.mark.slow
+def test_fsdp2_on_cpu_resumes_exactly_from_sharded_checkpoints(tmp_path):
+    """Two FSDP2 processes, stopped after step 3 (last checkpoint: step 2, each rank's shards in its own
+    safetensors file, no pickle) and relaunched: the same losses, bit for bit, as an uninterrupted 2-process run."""
+    overrides = [o for o in OVERRIDES if not o.startswith(("train.steps", "train.save_every", "data.max_tokens"))]
+    overrides += ["train.steps=5", "train.save_every=2", f"data.max_tokens={5 * 8 * 128}"]
+    (tmp_path / "child.py").write_text(RESUME_CHILD)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    config = cpu_fsdp2_config(tmp_path / "cpu.yaml", "no")
+
+    def launch(out: str, stop: int) -> int:
+        done = subprocess.run([str(accelerate), "launch", "--config_file", str(config), str(tmp_path / "child.py"),
+                               str(RUN_CONFIG), str(stop), *overrides, f"out={tmp_path / out}"],
+                              capture_output=True, text=True, env=env, cwd=REPO)
+        assert done.returncode in (0, 1, 3), done.stderr[-4000:]
+        return done.returncode
+
+    assert launch("whole", 0) == 0
+    assert launch("cut", 3) != 0  # stopped after step 3
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step-0000002").iterdir())
+    assert saved == ["rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors",
+                     "state.json"]
+    assert launch("cut", 0) == 0
+    keys = ("step", "loss", "lr", "ppl_general", "ppl_domain")
+    assert [[r.get(k) for k in keys] for r in records(tmp_path / "cut")] == \
+        [[r.get(k) for k in keys] for r in records(tmp_path / "whole")]
+    a, b = (load_file(tmp_path / out / "model" / "model.safetensors") for out in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -15,7 +15,10 @@ from deepen.cli import main
 from deepen.config import load_config
 from deepen.grow import grow
 from deepen.plan import llama_pro
-from deepen.train import CHECKPOINTS, METRICS, hold_frozen_in_bf16, select_trainable, train
+from deepen.config import batch_layout
+from deepen.rundir import CHECKPOINTS, METRICS
+from deepen.train import train
+from deepen.trainable import hold_frozen_in_bf16, select_trainable
 
 GROW = "grow={method: llama-pro, groups: 2}"  # 4 -> 6 layers; new: 2 and 5
 NEW = llama_pro(4, groups=2).new_layers
@@ -55,9 +58,12 @@ def test_llama_pro_trains_only_the_new_blocks(base, tmp_path):
     grown = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2)).state_dict()
     with pytest.raises(Stop):  # stop after the step-2 checkpoint, to look at its optimizer state
         train(config(base, tmp_path / "run"), progress=False, callback=stop_at(2))
-    state = torch.load(tmp_path / "run" / CHECKPOINTS / "step-0000002" / "optimizer.bin", weights_only=True)["state"]
+    saved = load_file(tmp_path / "run" / CHECKPOINTS / "step-0000002" / "rank-00000.safetensors")
     new_params = sum(p.numel() for n, p in grown.items() if n.startswith(tuple(f"model.layers.{i}." for i in NEW)))
-    assert sum(s["exp_avg"].numel() for s in state.values()) == new_params > 0  # AdamW state for the new only
+    exp_avg = sum(t.numel() for k, t in saved.items() if k.endswith("/exp_avg"))
+    assert exp_avg == new_params > 0  # AdamW state for the new blocks only
+    assert {k.split(".")[2] for k in saved if k.startswith("model/")} == {str(i) for i in NEW}  # only what learns
+    assert not any(p.suffix in (".bin", ".pkl", ".pt") for p in (tmp_path / "run").rglob("*"))  # no pickle
 
     out = train(config(base, tmp_path / "run"), progress=False)  # resumes and finishes
     trained = weights(out)
@@ -170,9 +176,17 @@ def test_the_global_batch_does_not_depend_on_the_micro_batch(base, tmp_path):
     assert a[-1]["ppl_domain"] == pytest.approx(b[-1]["ppl_domain"], rel=1e-4)
 
 
+def test_micro_batch_is_the_largest_that_divides_each_process_share():
+    assert batch_layout(8, 8, 1) == (8, 8, 1)
+    assert batch_layout(8, 8, 2) == (4, 4, 1)  # configs/tiny-cpu.yaml under torchrun --nproc-per-node 2
+    assert batch_layout(8, 3, 1) == (8, 2, 4)  # 3 does not divide 8: micro-batches of 2
+    assert batch_layout(1024, 4, 16) == (64, 4, 16)  # the 7B preset on 2 nodes of 8 GPUs
+    assert batch_layout(12, 5, 2) == (6, 3, 2)
+    with pytest.raises(ValueError, match=r"train.global_batch=8 cannot be split over 3 processes; run 1, 2, 4, 8"):
+        batch_layout(8, 8, 3)
+
+
 def test_bad_configs_fail_before_any_work_naming_the_key(base, tmp_path):
-    with pytest.raises(ValueError, match="train.global_batch=4 is not a multiple of train.micro_batch=3"):
-        config(base, tmp_path / "run", "train.micro_batch=3")
     with pytest.raises(ValueError, match="unknown key 'train.stepz'"):
         config(base, tmp_path / "run", "train.stepz=3")
     with pytest.raises(ValueError, match="method llama-pro trains only the layers a plan added"):
@@ -200,15 +214,13 @@ def test_cli_train_and_eval(base, tmp_path, capsys):
                  "--blocks", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"general", "code"} and all(r["perplexity"] > 1 and r["tokens"] == 62 for r in result.values())
-    assert main(["train", "--config", str(path), "train.micro_batch=3"]) == 2
-    assert "train.micro_batch=3" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "train.steps=0"]) == 2
+    assert "train.steps must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_tiny_cpu_preset_grows_the_tiny_base_by_two_blocks():
-    from deepen.budget import grow_plan
-
     run = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
-    plan = grow_plan(run, 8)  # the tiny base has 8 layers (configs/tiny-base.yaml)
+    plan = run.plan(8)  # the tiny base has 8 layers (configs/tiny-base.yaml)
     assert (run.model, run.method, plan.n_layers, plan.new_layers) == ("tiny-base", "llama-pro", 10, [4, 9])
     assert run.train.steps * run.train.global_batch * run.data.seq_len <= 200_000  # about a minute on one core
 

@@ -23,8 +23,11 @@ import torch
 from torch import nn
 
 from deepen import plan as plans
-from deepen.config import RunConfig, load_config
-from deepen.train import select_trainable, trained_layers  # one rule for what learns: the planner counts what training trains
+from deepen.config import RunConfig, batch_layout, load_config, recipe
+from deepen.grow import grow
+from deepen.llama import PRESETS
+from deepen.manifest import Manifest
+from deepen.trainable import select_trainable, trained_layers  # the one rule for what learns: counted as trained
 
 GB = 1e9  # decimal gigabytes, as GPU makers count them ("80 GB")
 STRATEGIES = ("fsdp", "zero3", "ddp")
@@ -37,31 +40,28 @@ PRESET_OF = {
     "mistralai/mistral-7b-v0.1": "mistral-7b", "mistral-7b": "mistral-7b",
     "huggingfacetb/smollm2-135m": "smol", "huggingfacetb/smollm2-135m-instruct": "smol", "smollm2": "smol",
     "smollm2-135m": "smol", "smol": "smol",
-    "tiny": "tiny",
+    "toy": "toy",
 }
 
 
 def model_config(name: str):
-    """The transformers config of `name`: a local folder's config.json, a known hub id or alias (offline, from
+    """The transformers config of model `name`, without its weights: a local folder's config.json, the
+    architecture of a model made here (deepen.config.recipe: tiny-base), a known hub id or alias (offline, from
     deepen.llama.PRESETS), else the hub's config.json (online only)."""
     import transformers
 
-    from deepen.llama import PRESETS
-
     if Path(name, "config.json").is_file():
         return transformers.AutoConfig.from_pretrained(name)
-    if name.lower() == "tiny-base":  # the tiny rung's base: its shape is in configs/tiny-base.yaml
-        from deepen.llama import Config
-        from deepen.train import TINY_BASE_CONFIG, load_config as load_tiny_config
-
-        return Config(**load_tiny_config(TINY_BASE_CONFIG)["model"]).to_hf()
+    made = recipe(name)
+    if made is not None:
+        return made.architecture.to_hf()
     if name.lower() in PRESET_OF:
         return PRESETS[PRESET_OF[name.lower()]].to_hf()
     try:
         return transformers.AutoConfig.from_pretrained(name)
     except OSError:
         raise ValueError(f"cannot find the shape of model {name!r} offline; known: {', '.join(PRESET_OF)}, "
-                         f"or give a local folder with its config.json") from None
+                         f"tiny-base, or give a local folder with its config.json") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,31 +108,19 @@ class Shape:
         return sum(s.trainable for s in self.stages)
 
 
-def grow_plan(run: RunConfig, n_layers: int) -> plans.Plan | None:
-    """The run config's `grow:` plan for a base of `n_layers` layers (None without one)."""
-    if run.grow is None:
-        return None
-    args = {k: v for k, v in dataclasses.asdict(run.grow).items() if k != "method"}
-    return plans.build(run.grow.method, n_layers, **args)
-
-
 def meta_model(run: RunConfig) -> tuple[nn.Module, plans.Plan | None, list[int]]:
     """The run's model on the meta device grown by its `grow:` plan, the plan, and the indices of the layers
     that were added (by the plan, else by `deepen expand`, from the folder's expansion.json)."""
     from transformers import AutoModelForCausalLM
 
-    from deepen.grow import grow
-    from deepen.output import MANIFEST, read_manifest
-
-    config = model_config(run.model)
+    config = run.architecture.to_hf() if run.architecture is not None else model_config(run.model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    plan = grow_plan(run, config.num_hidden_layers)
+    plan = run.plan(config.num_hidden_layers)
     if plan is not None:
         return grow(model, plan), plan, plan.new_layers
-    if Path(run.model, MANIFEST).is_file():
-        return model, None, read_manifest(run.model)[0].new_layers
-    return model, None, []
+    manifest = Manifest.find(run.model) if run.model is not None else None
+    return model, None, manifest.new_layers if manifest else []
 
 
 def lora_params(linear: nn.Linear, r: int) -> int:
@@ -460,14 +448,15 @@ def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0,
         raise ValueError(f"need gpus >= 1 and 0 < mfu <= 1; got gpus={gpus}, mfu={mfu}")
     t = run.train
     checkpointing = t.gradient_checkpointing if checkpointing is None else checkpointing
-    micro_batch = t.micro_batch
     shape = shape_cached(run)
     full = shape_cached(dataclasses.replace(run, method="full"))
     tokens = float(tokens if tokens is not None else t.steps * t.global_batch * run.data.seq_len)
     notes = []
-    if t.global_batch % (micro_batch * gpus):
-        notes.append(f"global_batch {t.global_batch} is not a multiple of micro_batch {micro_batch} × {gpus} GPUs: "
-                     f"pick a GPU count or micro_batch that divides it")
+    try:
+        micro_batch = batch_layout(t.global_batch, t.micro_batch, gpus)[1]  # what deepen train will use
+    except ValueError as e:
+        micro_batch = t.micro_batch
+        notes.append(str(e))
     frozen = shape.params - shape.trainable
     if t.precision == "bf16" and frozen and frozen_in_fp32(shape):
         shards = gpus if strategy in ("fsdp", "zero3") else 1

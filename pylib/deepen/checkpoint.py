@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from deepen.grow import LAYER_PREFIX, OUTPUT_PROJECTIONS, grown_config
-from deepen.output import atomic_folder, write_manifest
+from deepen.manifest import Manifest, atomic_folder
+from deepen.models import is_hub_id, resolve
 from deepen.plan import Plan
 
 CONFIG = "config.json"
@@ -138,17 +139,14 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict]:
 def resolve_source(src: str | os.PathLike, allow_pickle: bool = False) -> Path:
     """A local folder for `src`: a folder as it is, "smollm2" as the offline copy, anything else a hub id
     (downloaded, or found in the local hub cache when offline)."""
-    from deepen.models import resolve
-
     path = Path(resolve(src)).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise NotADirectoryError(f"{src} is a file; expand takes a model folder (config.json + weights) or a hub id")
-    name = str(src)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+    if not is_hub_id(src):
         raise FileNotFoundError(f"{src} not found: no such folder (and it is not a hub id like 'owner/model')")
-    return _download(name, allow_pickle)
+    return _download(str(src), allow_pickle)
 
 
 def _download(repo_id: str, allow_pickle: bool) -> Path:
@@ -168,7 +166,7 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
     return path
 
 
-def load_config(src: str | os.PathLike) -> dict:
+def read_hf_config(src: str | os.PathLike) -> dict:
     """The config.json of a model folder or hub id, as a dict (e.g. to build a plan for its num_hidden_layers)."""
     return _read_config(resolve_source(src))
 
@@ -453,6 +451,11 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, plan: Plan | Callable
 
     max_bytes = parse_size(max_shard_size)
     out = Path(out)
+    local = Path(resolve(src)).expanduser()
+    if local.is_dir() and (out.resolve() == local.resolve() or local.resolve() in out.resolve().parents
+                           or out.resolve() in local.resolve().parents):
+        raise ValueError(f"OUT {out} is {'SRC' if out.resolve() == local.resolve() else 'inside SRC or holds it'} "
+                         f"({src}): growing a model into its own folder would replace the base; choose another OUT")
     with atomic_folder(out, overwrite=overwrite) as tmp:
         folder = resolve_source(src, allow_pickle)
         config = _read_config(folder)
@@ -523,6 +526,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, plan: Plan | Callable
         copied = _copy_small_files(folder, tmp)
         (tmp / CONFIG).write_text(json.dumps(new_config, indent=2) + "\n")
         resolved = {} if Path(src) == folder else {"resolved": str(folder)}  # a hub id: where it was read from
-        write_manifest(tmp, plan, str(src), **resolved, source_files=source_files, source_format=fmt,
-                       dtype=_main_dtype(grown), files=names, total_size=total, copied_files=copied)
+        Manifest(base=str(src), plan=plan, extra={**resolved, "source_files": source_files, "source_format": fmt,
+                                                  "dtype": _main_dtype(grown), "files": names, "total_size": total,
+                                                  "copied_files": copied}).write(tmp)
     return out

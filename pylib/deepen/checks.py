@@ -32,8 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepen import llama
-from deepen.grow import OUTPUT_PROJECTIONS, grow, zero_output_projections
+from deepen.grow import OUTPUT_PROJECTIONS, grow, layer_of, zero_output_projections
+from deepen.loop import train_step as reference_step
+from deepen.manifest import Manifest
 from deepen.plan import Plan, custom, dus, llama_pro
+from deepen.trainable import select_trainable
 
 MARKS = {"pass": "✓", "fail": "✗", "not done": "…"}
 RESULTS_MARKER = "DEEPEN-CHECK-RESULTS "  # the line `deepen grade` reads from the kernel's output
@@ -704,12 +707,7 @@ def _grown_model(seed: int = 0):
     the manifest `deepen expand` writes."""
     plan = llama_pro(4, groups=2)
     model = grow(_hf_model(n_layers=4, seed=seed), plan)
-    return model, plan, {"base": "a small random Llama", "plan": plan.to_dict(), "new_layers": plan.new_layers}
-
-
-def _block_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if name.startswith("model.layers.") else None
+    return model, plan, Manifest(base="a small random Llama", plan=plan).to_dict()
 
 
 def _listing(items) -> str:
@@ -718,13 +716,11 @@ def _listing(items) -> str:
 
 def check_freeze(freeze) -> Result:
     """freeze(model, manifest): only the blocks in manifest["new_layers"] learn (requires_grad), against
-    deepen.train.select_trainable(model, "llama-pro", new_layers); checked by a backward pass."""
+    deepen.trainable.select_trainable(model, "llama-pro", new_layers); checked by a backward pass."""
     return _check("freeze", _freeze, freeze)
 
 
 def _freeze(freeze) -> str:
-    from deepen.train import select_trainable
-
     model, plan, manifest = _grown_model()
     want_model = copy.deepcopy(model)
     select_trainable(want_model, "llama-pro", plan.new_layers)
@@ -745,7 +741,7 @@ def _freeze(freeze) -> str:
                 f"({_listing(plan.new_layers)}) receive gradients: {n:,} of {total:,} parameters train")
     n_blocks = len(model.model.layers)
     frozen_blocks = [i for i in range(n_blocks) if i not in plan.new_layers]
-    learning = sorted({_block_of(n) for n in got if _block_of(n) is not None})
+    learning = sorted({layer_of(n) for n in got if layer_of(n) is not None})
     all_params = {name for name, _ in model.named_parameters()}
     if not got:
         raise Wrong(f"nothing receives a gradient: every parameter is frozen. The new blocks "
@@ -766,24 +762,21 @@ def _freeze(freeze) -> str:
         problems.append(f"frozen blocks {_listing(still)} still receive gradients; only the manifest's new blocks "
                         f"{_listing(plan.new_layers)} should: first requires_grad_(False) on every parameter, then "
                         "requires_grad_(True) on each new block")
-    missing = sorted({_block_of(n) for n in want - got})
+    missing = sorted({layer_of(n) for n in want - got})
     if missing and not problems:
         problems.append(f"new blocks {_listing(missing)} get no gradient (or only part of them): every parameter of "
                         "a new block learns")
-    outside = sorted(n for n in got - want if _block_of(n) is None)
+    outside = sorted(n for n in got - want if layer_of(n) is None)
     if outside:
         problems.append(f"{', '.join(outside)} still receive gradients: outside the new blocks everything is frozen "
                         "(embeddings, the final norm and the head too)")
     raise Wrong("; ".join(problems) or f"expected gradients on {len(want)} parameters, got {len(got)}")
 
 
-def _reference_step(model, batch, optimizer, zero_grad: bool = True) -> float:
-    loss = model(input_ids=batch, labels=batch).loss  # labels are shifted inside: predict batch[:, 1:]
-    loss.backward()
+def _step_without_zero_grad(model, batch, optimizer) -> None:
+    """A known mistake, simulated: the gradients of every step add up."""
+    model(input_ids=batch, labels=batch).loss.backward()
     optimizer.step()
-    if zero_grad:
-        optimizer.zero_grad()
-    return loss.item()
 
 
 def check_train_step(train_step) -> Result:
@@ -793,8 +786,6 @@ def check_train_step(train_step) -> Result:
 
 
 def _train_step(train_step) -> str:
-    from deepen.train import select_trainable
-
     model, plan, _ = _grown_model()
     select_trainable(model, "llama-pro", plan.new_layers)
     models = {k: copy.deepcopy(model) for k in ("student", "reference", "no zero_grad")}
@@ -808,8 +799,8 @@ def _train_step(train_step) -> str:
 
     student, losses = models["student"], []
     for step, batch in enumerate(batches):
-        want = _reference_step(models["reference"], batch, opts["reference"])
-        _reference_step(models["no zero_grad"], batch, opts["no zero_grad"], zero_grad=False)
+        want = reference_step(models["reference"], batch, opts["reference"], clip=None)  # deepen's own step
+        _step_without_zero_grad(models["no zero_grad"], batch, opts["no zero_grad"])
         loss = _call(train_step, student, batch.clone(), opts["student"])
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             raise Wrong("returned the loss tensor; return loss.item(), a float (the tensor keeps the whole graph "

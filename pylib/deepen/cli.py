@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+from pathlib import Path
 
+from accelerate import PartialState
+
+from deepen import budget, grade, reproduce
 from deepen import plan as plans
-from deepen.config import METHODS
+from deepen.checkpoint import expand, read_hf_config
+from deepen.config import TRAIN_METHODS, load_config
+from deepen.demo import run as run_demo
+from deepen.evaluate import benchmarks, evaluate, headline
+from deepen.manifest import Manifest, Terminated, terminate_as_exception
+from deepen.models import require_model, resolve
+from deepen.runs import RunResult
+from deepen.train import model_folder, train
+from deepen.verify import verify
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, choices=plans.METHODS,
+    parser.add_argument("--method", required=True, choices=plans.PLAN_METHODS,
                         help="llama-pro: zero-initialised copies (function-preserving); dus: SOLAR depth up-scaling; "
                              "idus: interleaved DUS; stack: plain repetition; custom: a layer map (--map)")
     parser.add_argument("--groups", type=int, help="llama-pro: number of equal groups; one or more copies after each")
@@ -38,9 +52,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
-    from deepen.checkpoint import expand, load_config
-
-    plan = plan_from_args(args, load_config(args.src)["num_hidden_layers"])
+    plan = plan_from_args(args, read_hf_config(args.src)["num_hidden_layers"])
     print(plan)
     out = expand(args.src, args.out, plan, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                  allow_pickle=args.allow_pickle)
@@ -49,17 +61,11 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from deepen.models import resolve
-    from deepen.output import read_manifest
-    from deepen.verify import verify
-
-    try:
-        plan, manifest = read_manifest(args.grown)
-    except FileNotFoundError:
-        plan, manifest = None, {}
+    manifest = Manifest.find(args.grown) if Path(args.grown).is_dir() else None
+    plan = manifest.plan if manifest else None
     report = verify(resolve(args.base), args.grown, dtype=args.dtype)
     # a grown model is exact until it is trained; after training it is meant to differ
-    must_be_exact = args.exact or (plan is not None and plan.function_preserving and "trained" not in manifest)
+    must_be_exact = args.exact or (plan is not None and plan.function_preserving and manifest.trained is None)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     if plan is not None:
         print(f"plan: {plan.method}, {'function-preserving' if plan.function_preserving else 'changes the function'}")
@@ -70,21 +76,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deepen.config import load_config
-    from deepen.train import read_metrics, train
-
-    from accelerate import PartialState
-
     overrides = list(args.overrides) + ([f"method={args.method}"] if args.method else [])
-    out = train(load_config(args.config, overrides))
+    out = train(load_config(args.config, overrides), allow_change=args.allow_change)
     if not PartialState().is_main_process:
         return 0  # under torchrun / accelerate launch: one report
-    evals = [r for r in read_metrics(out.parent) if "ppl_general" in r]
-    if evals:
-        first, last = evals[0], evals[-1]
-        print(f"held-out perplexity, step {first['step']} -> {last['step']}: "
-              f"general {first['ppl_general']:.2f} -> {last['ppl_general']:.2f}, "
-              f"domain {first['ppl_domain']:.2f} -> {last['ppl_domain']:.2f}")
+    run = RunResult.read(out.parent)
+    if run.evaluations:
+        print(run.line())
     print(f"wrote {out}")
     return 0
 
@@ -93,10 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deepen.evaluate import benchmarks, evaluate, headline
-    from deepen.train import model_path
-
-    path = model_path(args.model)
+    path = model_folder(args.model)
+    require_model(path, "MODEL")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(args.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -134,13 +130,12 @@ def torch_dtype(name: str):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from deepen.demo import run
-
-    return run(args.out)
+    return run_demo(args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepen", description="Make a pretrained decoder LLM deeper without losing what it knows.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also DEEPEN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="print a layer plan (touches no weights)")
@@ -168,9 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="continual pretraining of a run config (resumes from the out folder's checkpoint)")
     p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny-cpu.yaml")
-    p.add_argument("--method", choices=METHODS,
+    p.add_argument("--method", choices=TRAIN_METHODS,
                    help="override the config's method: llama-pro (new blocks only), full, lora, blocks (those in blocks=[...])")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50 out=runs/x")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="when resuming, allow this config key to differ from the saved run's (repeatable): "
+                        "train.lr (e.g. after a nan loss), train.clip, train.eval_every, train.save_every")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="held-out perplexity of a model per corpus (general: forgetting, domain: gain), "
@@ -196,20 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_eval)
 
-    from deepen import budget
-
     p = sub.add_parser("budget", help="parameters, FLOPs, memory per GPU and time for a run config, before any GPU")
     budget.add_arguments(p)
     p.set_defaults(func=budget.run)
-
-    from deepen import reproduce
 
     p = sub.add_parser("reproduce", help="the papers' comparisons on one rung (methods, placement, block count, "
                                          "DUS recovery): CSVs, figures and the claims beside the measurements")
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)
-
-    from deepen import grade
 
     p = sub.add_parser("grade", help="run lab notebooks headless; write each exercise's result (JSON, CSV); exit 1 "
                                      "unless all pass")
@@ -223,13 +215,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a mistake of the user's (bad input, a missing file, a full disk, Ctrl-C, SIGTERM) ends
+    with one line on stderr — what was wrong and what to do — and a non-zero exit, never a traceback, unless
+    --debug or DEEPEN_DEBUG=1 asks for one."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("DEEPEN_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
-        print(f"deepen {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        with terminate_as_exception():
+            return args.func(args)
+    except BaseException as e:  # noqa: BLE001 — every error is turned into a message here, in one place
+        message, code = user_error(e)
+        if message is None or debug:
+            raise
+        print(f"deepen {args.command}: {message}", file=sys.stderr)
+        return code
+
+
+def user_error(e: BaseException) -> tuple[str | None, int]:
+    """(the one line a user reads, the exit status) for an error a user can act on; (None, 0) for a bug."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); nothing half-written was left behind", 130
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM); nothing half-written was left behind", 143
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {e.filename}" if e.filename else ""
+        return f"error: no space left on the device{where}; nothing half-written was left behind. Free some space " \
+               "or write to another disk", 1
+    if isinstance(e, (ValueError, OSError, NotImplementedError, RuntimeError, FloatingPointError)):
+        return f"error: {e}", 2
+    return None, 0
 
 
 if __name__ == "__main__":

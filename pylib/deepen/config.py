@@ -7,12 +7,16 @@
     train: {steps: 200, global_batch: 32, micro_batch: 8, lr: 2.0e-4, precision: bf16}
     out: runs/smol-code
 
-Every key is a field below; an unknown key or a value of the wrong type fails with a message naming it.
+Every run is this one schema: continual pretraining, and pretraining from scratch (`architecture:` a
+deepen.llama.Config instead of `model:` — how the tiny rung's base is made, configs/tiny-base.yaml). Every key is a
+field below; an unknown key or a value of the wrong type fails with a message naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +24,12 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("llama-pro", "full", "lora", "blocks")
+from deepen import REPO
+from deepen import plan as plans
+from deepen.llama import Config as Architecture
+from deepen.models import cache_dir
+
+TRAIN_METHODS = ("llama-pro", "full", "lora", "blocks")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -34,6 +43,11 @@ class GrowConfig:
     group: int = 8
     times: int = 2
     map: str | None = None
+
+    def plan(self, n_layers: int) -> plans.Plan:
+        """This plan for a base of `n_layers` layers."""
+        args = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        return plans.build(self.method, n_layers, **args)
 
 
 @dataclass
@@ -52,7 +66,7 @@ class DataConfig:
 class TrainConfig:
     steps: int = 200
     global_batch: int = 32  # sequences per optimizer step, whatever the device count
-    micro_batch: int = 8  # sequences per device per forward; accumulation makes up the rest
+    micro_batch: int = 8  # at most this many sequences per device per forward; accumulation makes up the rest
     lr: float = 2e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup: float = 0.06  # share of steps
@@ -76,7 +90,8 @@ class LoraConfig:
 
 @dataclass
 class RunConfig:
-    model: str = "tiny-base"
+    model: str | None = "tiny-base"
+    architecture: Architecture | None = None  # pretraining from scratch: a new model of this shape (model: null)
     method: str = "llama-pro"
     grow: GrowConfig | None = None
     also_train: list[str] = field(default_factory=list)  # llama-pro: extra parameter name parts, e.g. [embed_tokens, norm]
@@ -88,6 +103,24 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def plan(self, n_layers: int) -> plans.Plan | None:
+        """The `grow:` plan for a base of `n_layers` layers (None without one)."""
+        return None if self.grow is None else self.grow.plan(n_layers)
+
+
+def batch_layout(global_batch: int, micro_batch: int, processes: int) -> tuple[int, int, int]:
+    """(per-process batch, micro-batch, accumulation steps): each of `processes` takes global_batch / processes
+    sequences per step, in the largest micro-batches of at most `micro_batch` that divide it, so that
+    global_batch = micro × accumulation × processes whatever the process count."""
+    if global_batch % processes:
+        counts = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise ValueError(f"train.global_batch={global_batch} cannot be split over {processes} processes; run "
+                         f"{', '.join(map(str, counts[:12]))}{', ...' if len(counts) > 12 else ''} processes or "
+                         "change train.global_batch")
+    per_process = global_batch // processes
+    micro = max(d for d in range(1, min(micro_batch, per_process) + 1) if per_process % d == 0)
+    return per_process, micro, per_process // micro
 
 
 def _build(cls, data, where: str):
@@ -133,8 +166,14 @@ def _value(hint, value, key: str):
 def check(config: RunConfig) -> RunConfig:
     """Refuse values that cannot work, naming the key."""
     t = config.train
-    if config.method not in METHODS:
-        raise ValueError(f"method={config.method!r} is not one of {', '.join(METHODS)}")
+    if config.method not in TRAIN_METHODS:
+        raise ValueError(f"method={config.method!r} is not one of {', '.join(TRAIN_METHODS)}")
+    if (config.model is None) == (config.architecture is None):
+        raise ValueError("a run starts from a model (model: a folder, hub id, smollm2 or tiny-base) or trains one "
+                         "from scratch (architecture: a deepen.llama.Config, with model: null); give exactly one")
+    if config.architecture is not None and (config.method != "full" or config.grow is not None):
+        raise ValueError("a model trained from scratch (architecture:) learns every parameter: use method full "
+                         "and no grow: section")
     if (config.method == "blocks") != bool(config.blocks):
         raise ValueError("method blocks trains the decoder layers listed in blocks (e.g. blocks=[3,7]); "
                          + ("blocks is empty" if config.method == "blocks" else f"blocks is set but method is {config.method}"))
@@ -146,8 +185,6 @@ def check(config: RunConfig) -> RunConfig:
     for key in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "save_every"):
         if getattr(t, key) < 1:
             raise ValueError(f"train.{key} must be at least 1, got {getattr(t, key)}")
-    if t.global_batch % t.micro_batch:
-        raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
     if not t.lr > 0 or not 0 <= t.warmup < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise ValueError(f"need train.lr > 0, 0 <= train.warmup < 1 and 0 <= train.min_lr_ratio <= 1; got "
                          f"lr={t.lr}, warmup={t.warmup}, min_lr_ratio={t.min_lr_ratio}")
@@ -160,17 +197,39 @@ def parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
         raise ValueError(f"cannot read the override {item!r}; write key=value, e.g. train.lr=1e-4")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot read the value of the override {item!r} as YAML ({_yaml_problem(e)}); "
+                         "quote it or fix its brackets, e.g. blocks=[3,7]") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict; a clear error if it is missing, does not parse, or is not a mapping. A relative
+    path missing from the working directory is read from the repository (configs/tiny-cpu.yaml from anywhere)."""
+    path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (REPO / path).is_file():
+        path = REPO / path
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found; the presets are in configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path} is not valid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML), build and check it."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config {path} not found; the presets are in configs/")
-        data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) if path is not None else {}
     for item in overrides:
         keys, value = parse_override(item)
         node = data
@@ -180,3 +239,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
                 raise ValueError(f"cannot set {item!r}: {k} is not a section")
         node[keys[-1]] = value
     return check(_build(RunConfig, data, ""))
+
+
+# Models made here by a run of deepen's own: name -> the run config that pretrains it from scratch.
+RECIPES = {"tiny-base": "configs/tiny-base.yaml"}
+
+
+def recipe(name: str | None) -> RunConfig | None:
+    """The run config that makes model `name` when it is built here rather than downloaded, else None.
+    "tiny-base": configs/tiny-base.yaml (a small Llama pretrained from scratch on the built-in English), its out
+    folder in the cache, one per distinct config, so every notebook and test starts from the same model."""
+    if name is None or str(name).lower() not in RECIPES or Path(name).exists():
+        return None
+    config = load_config(RECIPES[str(name).lower()])
+    digest = hashlib.sha256(json.dumps({**config.to_dict(), "out": None}, sort_keys=True).encode()).hexdigest()[:10]
+    config.out = str(cache_dir() / f"{name}-{digest}")
+    return config

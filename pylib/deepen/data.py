@@ -37,7 +37,7 @@ import torch
 from filelock import FileLock
 
 from deepen.models import cache_dir
-from deepen.output import atomic_folder
+from deepen.manifest import atomic_folder
 
 BUILTINS = ("general", "code", "math")
 HELDOUT_FRACTION = 0.05
@@ -405,24 +405,54 @@ def mix_corpora(parts: list[datasets.Dataset], weights: list[float], names: list
 # ---------------------------------------------------------------- tokenisation and packing
 
 
-def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Tokenise every document, follow each with EOS, concatenate, cut into rows: (n_blocks, seq_len) int64.
+class BlockCutter:
+    """Documents in, blocks out — the one way deepen cuts text into training blocks: tokenise each text, follow it
+    with EOS, concatenate, and cut the token stream into (seq_len,) int64 blocks as they fill. Tokens that do not
+    fill a block yet wait in `pending` for the next texts (`pack` drops them at the end; a stream carries them
+    into its next pass)."""
 
-    The tail that does not fill a row is dropped; `max_tokens` stops early (at most that many tokens).
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; packing needs one between documents")
-    ids: list[int] = []
+    def __init__(self, tokenizer, seq_len: int):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token; packing needs one between documents")
+        self.tokenizer, self.seq_len, self.eos = tokenizer, seq_len, tokenizer.eos_token_id
+        self.pending: list[int] = []
+        self.documents = self.tokens = 0
+
+    def blocks(self, texts, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+        """The blocks of `texts` (any iterable of strings), reading at most `max_tokens` of their tokens (None: all);
+        `documents` and `tokens` then count what this call read."""
+        self.documents = self.tokens = 0
+        texts = iter(texts)
+        while max_tokens is None or self.tokens < max_tokens:
+            batch = list(itertools.islice(texts, 256))
+            if not batch:
+                break
+            for doc in self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+                self.pending += doc + [self.eos]
+                self.tokens += len(doc) + 1
+            self.documents += len(batch)
+            if max_tokens is not None and self.tokens > max_tokens:
+                del self.pending[len(self.pending) - (self.tokens - max_tokens):]
+                self.tokens = max_tokens
+            whole = len(self.pending) // self.seq_len * self.seq_len
+            for start in range(0, whole, self.seq_len):
+                yield torch.tensor(self.pending[start:start + self.seq_len], dtype=torch.long)
+            del self.pending[:whole]
+
+
+def _texts(dataset: datasets.Dataset) -> Iterator[str]:
     for batch in dataset.iter(batch_size=256):
-        for doc in tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]:
-            ids += doc + [eos]
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    n_blocks = min(len(ids), max_tokens or len(ids)) // seq_len
-    if n_blocks == 0:
-        raise ValueError(f"{len(ids)} tokens do not fill one block of seq_len={seq_len}")
-    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+        yield from batch["text"]
+
+
+def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Every document of `dataset` cut into blocks by `BlockCutter`: (n_blocks, seq_len) int64. The tail that does
+    not fill a row is dropped; `max_tokens` stops early (at most that many tokens)."""
+    cutter = BlockCutter(tokenizer, seq_len)
+    blocks = list(cutter.blocks(_texts(dataset), max_tokens))
+    if not blocks:
+        raise ValueError(f"{cutter.tokens} tokens do not fill one block of seq_len={seq_len}")
+    return torch.stack(blocks)
 
 
 # ---------------------------------------------------------------- streaming: corpora too large for memory
@@ -541,20 +571,16 @@ def stream_blocks(name: str, split: str, tokenizer, seq_len: int, *, text_column
                   heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0, shuffle_buffer: int = 0,
                   passes: int | None = None, max_tokens: int | None = None,
                   on_pass=None) -> Iterator[torch.Tensor]:
-    """Packed blocks (seq_len,) int64 of a corpus split, streamed: `pack` over `stream_documents`, in bounded memory.
-
-    Each document is tokenised and followed by EOS, as `pack` does, and the token stream cut into blocks; a pass
-    that ends mid-block carries its tail into the next pass (nothing dropped), so without shuffling the first
-    blocks equal `pack(load_corpus(name, split), ...)` (which drops that tail).
+    """Packed blocks (seq_len,) int64 of a corpus split, streamed: `BlockCutter` over `stream_documents`, in bounded
+    memory. A pass that ends mid-block carries its tail into the next pass (nothing dropped), so without shuffling
+    the first blocks equal `pack(load_corpus(name, split), ...)` (which drops that tail).
     shuffle_buffer: 0 reads in order; n > 0 shuffles the documents (see `stream_documents`) and then the blocks
         within a buffer of n blocks, seeded by `seed`: the same seed gives the same blocks in the same order.
     passes: how many passes over the corpus (None: forever, a new pass when the stream ends — the next epoch).
     max_tokens: a pass ends after this many tokens (None: at the end of the corpus).
     on_pass(k, documents, tokens): called when pass k (from 0) has ended, e.g. to log it.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; packing needs one between documents")
+    cutter = BlockCutter(tokenizer, seq_len)  # its pending tokens carry a pass's tail into the next pass
     rng = random.Random(seed)
     buffer: list[torch.Tensor] = []
 
@@ -568,31 +594,16 @@ def stream_blocks(name: str, split: str, tokenizer, seq_len: int, *, text_column
             yield buffer[k]
             buffer[k] = block
 
-    ids: list[int] = []
     epoch = 0
     while passes is None or epoch < passes:
-        documents = tokens = 0
         texts = stream_documents(name, split, text_column=text_column, heldout_fraction=heldout_fraction, seed=seed,
                                  shuffle=shuffle_buffer > 0, epoch=epoch)
-        while max_tokens is None or tokens < max_tokens:
-            batch = list(itertools.islice(texts, 256))
-            if not batch:
-                break
-            for doc in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-                ids += doc + [eos]
-                tokens += len(doc) + 1
-            documents += len(batch)
-            if max_tokens is not None and tokens > max_tokens:
-                del ids[len(ids) - (tokens - max_tokens):]
-                tokens = max_tokens
-            whole = len(ids) // seq_len * seq_len
-            for start in range(0, whole, seq_len):
-                yield from emit(torch.tensor(ids[start:start + seq_len], dtype=torch.long))
-            del ids[:whole]
-        if documents == 0:
+        for block in cutter.blocks(texts, max_tokens):
+            yield from emit(block)
+        if cutter.documents == 0:
             raise ValueError(f"corpus {name!r} has no documents in its {split} split")
         if on_pass is not None:
-            on_pass(epoch, documents, tokens)
+            on_pass(epoch, cutter.documents, cutter.tokens)
         epoch += 1
     rng.shuffle(buffer)
     yield from buffer

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from deepen import REPO
 from deepen.checkpoint import expand
 from deepen.config import load_config
 from deepen.models import smollm2
 from deepen.plan import dus, llama_pro
-from deepen.train import read_metrics, train
+from deepen.runs import RunResult
+from deepen.train import train
 from deepen.verify import verify
 
-CPT_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+CPT_CONFIG = "configs/tiny-cpu.yaml"  # read from the repository wherever the demo runs
 
 
 def _step(title: str) -> None:
@@ -54,17 +54,13 @@ def run(out: str | Path = "runs/demo") -> int:
     _step("4. Continual pretraining on the tiny rung: only the new blocks (llama-pro) vs everything (full)")
     rows = []
     for method in ("llama-pro", "full"):
-        config = load_config(CPT_CONFIG if CPT_CONFIG.is_file() else "configs/tiny-cpu.yaml",
-                             [f"method={method}", f"out={out / f'tiny-cpt-{method}'}"])
-        model_dir = train(config)
-        evals = [r for r in read_metrics(model_dir.parent) if "ppl_general" in r]
-        first, last = evals[0], evals[-1]
-        rows.append({"method": method, "steps": last["step"], "general ppl before": first["ppl_general"],
-                     "general ppl after": last["ppl_general"], "code ppl before": first["ppl_domain"],
-                     "code ppl after": last["ppl_domain"]})
+        config = load_config(CPT_CONFIG, [f"method={method}", f"out={out / f'tiny-cpt-{method}'}"])
+        run = RunResult.read(train(config).parent)
+        rows.append({"method": method, "steps": run.steps, "general ppl before": run.base_general,
+                     "general ppl after": run.last["ppl_general"], "code ppl before": run.base_domain,
+                     "code ppl after": run.last["ppl_domain"], "forgetting (general x)": run.forgetting,
+                     "gain (code ppl / x)": run.gain})
     table = pd.DataFrame(rows).set_index("method")
-    table["forgetting (general x)"] = table["general ppl after"] / table["general ppl before"]
-    table["gain (code ppl / x)"] = table["code ppl before"] / table["code ppl after"]
     print(table.round(2).to_string())
     table.to_csv(out / "cpt.csv")
     results["cpt"] = table.reset_index().to_dict(orient="records")

@@ -9,23 +9,11 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean cross-entropy) of predicting blocks[:, 1:] from what comes before, every token weighing the same."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size].to(device)  # (batch, seq)
-        logits = model(input_ids=ids).logits[:, :-1].float()  # (batch, seq - 1, vocab)
-        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count)
+from deepen.batches import heldout_blocks, streams
+from deepen.config import DataConfig
+from deepen.loop import perplexity  # the one definition, which training's held-out evaluation uses too
+from deepen.train import model_folder
 
 
 def unigram_perplexity(train_blocks: torch.Tensor, heldout_blocks: torch.Tensor, vocab_size: int) -> float:
@@ -36,21 +24,13 @@ def unigram_perplexity(train_blocks: torch.Tensor, heldout_blocks: torch.Tensor,
     return math.exp(-log_p[heldout_blocks[:, 1:].flatten()].mean().item())
 
 
-def heldout_blocks(corpus: str, tokenizer, seq_len: int, n_blocks: int | None = None,
-                   text_column: str = "text") -> torch.Tensor:
-    """The first `n_blocks` packed blocks (n, seq_len) of a corpus's held-out split (all of it when None)."""
-    from deepen.data import load_corpus, pack
-
-    dataset = load_corpus(corpus, "heldout", text_column=text_column)
-    return pack(dataset, tokenizer, seq_len, None if n_blocks is None else n_blocks * seq_len)
-
-
 def evaluate(model, tokenizer, corpora: list[str], seq_len: int = 256, n_blocks: int | None = 64,
              batch_size: int = 8) -> dict[str, dict]:
-    """Held-out perplexity of `model` on each corpus: {corpus: {"perplexity", "tokens"}}."""
+    """Held-out perplexity of `model` on each corpus: {corpus: {"perplexity", "tokens"}} — the first `n_blocks`
+    blocks of each held-out split, as a run scores them (hub corpora streamed)."""
     results = {}
     for corpus in corpora:
-        blocks = heldout_blocks(corpus, tokenizer, seq_len, n_blocks)
+        blocks = heldout_blocks(corpus, tokenizer, seq_len, n_blocks, streaming=streams(DataConfig(), corpus))
         results[corpus] = {"perplexity": perplexity(model, blocks, batch_size), "tokens": blocks[:, 1:].numel()}
     return results
 
@@ -99,9 +79,7 @@ def benchmarks(model, tasks, *, tokenizer=None, limit: int | float | None = None
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
 
-        from deepen.train import model_path
-
-        path = model_path(str(model))
+        path = model_folder(str(model))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = tokenizer or path

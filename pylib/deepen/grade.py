@@ -21,6 +21,8 @@ from pathlib import Path
 
 import nbformat
 
+from deepen.checks import RESULTS_MARKER
+
 EXERCISE = "exercise"  # the cell metadata key naming the exercise a cell holds
 CHECK_CALL = re.compile(r"\bcheck_(\w+)\s*\(")
 SECTION = re.compile(r"^# %% (\w+)\s*$", re.MULTILINE)
@@ -132,8 +134,6 @@ def _error(e: Exception) -> str:
 
 
 def _emitted(cell) -> list[dict]:
-    from deepen.checks import RESULTS_MARKER
-
     for output in cell.outputs:
         for line in output.get("text", "").splitlines():
             if line.startswith(RESULTS_MARKER):

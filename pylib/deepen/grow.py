@@ -8,6 +8,7 @@ The same names and rules serve `deepen.checkpoint`, which applies a plan to a ch
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import nn
@@ -16,13 +17,22 @@ from deepen.plan import Plan
 
 # Architectures whose blocks are the Llama layout (pre-norm residual, attention ending in o_proj, a dense MLP
 # ending in down_proj). Gemma2/3 add post-norms on each branch: norm(0) == 0, so zeroing still adds exactly 0.
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GROWABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 # The output projections of each branch, relative to a decoder layer: zeroed in a function-preserving copy.
 OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
 # Config entries with one value per layer: grown with the plan, or save -> load gives a different model.
 PER_LAYER = ("layer_types", "no_rope_layers")
 LAYER_PREFIX = "model.layers."
 INITS = ("plan", "random", "zeros")
+# A decoder layer's index in a parameter name, whatever wraps the model (peft's base_model.model., FSDP's and
+# activation checkpointing's wrapper names): "model.layers.3.mlp.up_proj.weight" -> 3.
+_LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a parameter (by its name) belongs to; None for the embeddings, final norm and head."""
+    m = _LAYER_IN_NAME.search(name)
+    return int(m.group(1)) if m else None
 
 
 def check_supported(config: dict) -> None:
@@ -31,9 +41,9 @@ def check_supported(config: dict) -> None:
     if config.get("num_local_experts") or config.get("num_experts") or "moe" in str(model_type):
         raise NotImplementedError(
             f"{model_type!r} is a mixture-of-experts model: its MLP is a router over experts, not one down_proj, "
-            f"so deepen does not grow it. Supported: {', '.join(SUPPORTED)}.")
-    if model_type not in SUPPORTED:
-        raise NotImplementedError(f"model_type {model_type!r} is not supported; deepen grows {', '.join(SUPPORTED)}")
+            f"so deepen does not grow it. Supported: {', '.join(GROWABLE)}.")
+    if model_type not in GROWABLE:
+        raise NotImplementedError(f"model_type {model_type!r} is not supported; deepen grows {', '.join(GROWABLE)}")
 
 
 def grown_config(config: dict, plan: Plan) -> dict:

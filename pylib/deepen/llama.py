@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED = ("llama", "mistral", "qwen2")  # HF model_type values whose blocks are exactly the block above
+FROM_HF_TYPES = ("llama", "mistral", "qwen2")  # HF model_type values whose blocks are exactly the block above
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Config:
         return self.dim
 
     def replace(self, **changes) -> Config:
-        """A copy with some fields changed, e.g. `PRESETS["tiny"].replace(n_layers=2)`.
+        """A copy with some fields changed, e.g. `PRESETS["toy"].replace(n_layers=2)`.
         A head_dim that was dim // n_heads follows new dim or n_heads unless given."""
         if {"dim", "n_heads"} & changes.keys() and self.head_dim == self.dim // self.n_heads:
             changes.setdefault("head_dim", None)
@@ -59,10 +59,10 @@ class Config:
     def from_hf(cls, hf_config) -> Config:
         """Read a transformers config; raise if the model computes anything our block does not."""
         c = hf_config
-        if c.model_type not in SUPPORTED:
+        if c.model_type not in FROM_HF_TYPES:
             raise ValueError(
                 f"model_type {c.model_type!r} is not supported: deepen.llama implements the plain Llama block "
-                f"(RMSNorm → attention → RMSNorm → SwiGLU) found in {', '.join(SUPPORTED)}. "
+                f"(RMSNorm → attention → RMSNorm → SwiGLU) found in {', '.join(FROM_HF_TYPES)}. "
                 "Models with q/k norms, extra norms or other changes (e.g. qwen3, gemma, olmo2) compute something "
                 "else; use the transformers model for those."
             )
@@ -123,8 +123,8 @@ class Config:
 
 PRESETS = {
     # small for testing efficiency: ~6.9M parameters
-    "tiny": Config(vocab_size=4096, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, intermediate_size=688,
-                   rope_theta=10000.0, max_seq_len=1024, tie_embeddings=True),
+    "toy": Config(vocab_size=4096, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, intermediate_size=688,
+                  rope_theta=10000.0, max_seq_len=1024, tie_embeddings=True),
     # HuggingFaceTB/SmolLM2-135M(-Instruct)
     "smol": Config(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536,
                    rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),

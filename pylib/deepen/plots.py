@@ -8,6 +8,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import seaborn as sns
 
+from deepen import REPO
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 
@@ -15,8 +17,6 @@ def figures_dir() -> Path:
     """$DEEPEN_FIGURES, else the repository's figures/ folder (else ./figures)."""
     if os.environ.get("DEEPEN_FIGURES"):
         return Path(os.environ["DEEPEN_FIGURES"])
-    from deepen import REPO
-
     return REPO / "figures" if (REPO / "pyproject.toml").is_file() else Path("figures")
 
 

@@ -21,9 +21,9 @@ Results: figures/05_<rung>_results.csv (one row per run and seed), 05_<rung>_sum
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -33,7 +33,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from deepen import REPO
+from deepen import REPO, plots
+from deepen.budget import model_config, shape_of
+from deepen.config import load_config
+from deepen.plan import llama_pro
+from deepen.rundir import read_metrics
+from deepen.runs import RunResult
+from deepen.train import train
 
 RUNGS = {"tiny": "configs/tiny-cpu.yaml", "smol": "configs/smol-gpu.yaml"}
 EXPERIMENTS = ("methods", "placement", "n_blocks", "recovery")
@@ -57,16 +63,12 @@ class Entry:
 
 
 def rung_config(rung: str, overrides: list[str] = ()):
-    from deepen.config import load_config
-
     if rung not in RUNGS:
         raise ValueError(f"rung={rung!r} is not one of {', '.join(RUNGS)}")
     return load_config(REPO / RUNGS[rung], list(overrides))
 
 
 def base_layers(config) -> int:
-    from deepen.budget import model_config
-
     return model_config(config.model).num_hidden_layers
 
 
@@ -76,19 +78,12 @@ def _grow(groups: int, placement: str = "interleave") -> str:
 
 def lora_rank(config, target: int) -> int:
     """The LoRA rank whose adapters (on the config's lora.targets of the base) have closest to `target` parameters."""
-    import dataclasses
-
-    from deepen.budget import shape_of
-
     one = dataclasses.replace(config, grow=None, method="lora", lora=dataclasses.replace(config.lora, r=1))
     return max(1, round(target / shape_of(one).trainable))
 
 
 def plan_runs(rung: str, overrides: list[str] = ()) -> list[Entry]:
     """The experiments' entries for a rung (its config's grow.groups is the reference LLaMA Pro run)."""
-    from deepen.budget import shape_of
-    from deepen.plan import llama_pro
-
     config = rung_config(rung, overrides)
     n = base_layers(config)
     groups = config.grow.groups if config.grow and config.grow.method == "llama-pro" and config.grow.groups else 2
@@ -135,9 +130,6 @@ def _one(args: tuple) -> None:
     import torch
     from transformers.utils import logging
 
-    from deepen.config import load_config
-    from deepen.train import train
-
     logging.set_verbosity_error()  # one progress bar for the whole reproduction, not a loading bar per run
     logging.disable_progress_bar()
     if threads:
@@ -153,8 +145,6 @@ def run(rung: str = "tiny", seeds: int = 2, jobs: int = 2, overrides: list[str] 
     (e.g. train.steps=20); runs with overrides go to their own folder, so they never mix with the default ones.
     threads: torch threads per run (None: as they are)."""
     from tqdm.auto import tqdm
-
-    from deepen import plots
 
     rung_config(rung, overrides)  # a bad rung or override fails here, before any work
     unknown = set(experiments) - set(EXPERIMENTS)
@@ -208,31 +198,13 @@ def runs_dir() -> Path:
 
 
 def _row(entry: Entry, seed: int, folder: Path) -> dict:
-    import yaml
-
-    from deepen.train import read_metrics
-
-    records = read_metrics(folder)
-    evals = [r for r in records if "ppl_general" in r]
-    first, last = evals[0], evals[-1]
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    from deepen.budget import shape_of
-    from deepen.config import load_config
-
+    run = RunResult.read(folder)
     shape = shape_of(load_config(folder / "config.yaml"))
-    steps = [r for r in records if "tokens_per_s" in r]
     return {
         "experiment": entry.experiment, "variant": entry.variant, "run": entry.run.name, "seed": seed,
-        "method": config["method"], "layers": len(shape.blocks), "params": shape.params,
-        "trainable_params": shape.trainable, "steps": last["step"], "tokens": last["tokens"],
-        "general_ppl_start": first["ppl_general"], "general_ppl_end": last["ppl_general"],
-        "domain_ppl_start": first["ppl_domain"], "domain_ppl_end": last["ppl_domain"],
-        "final_loss": steps[-1]["loss"] if steps else math.nan,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in steps) / len(steps) if steps else math.nan,
-        # each step's record: tokens_per_s = tokens of the step / its seconds (evaluation not counted)
-        "train_seconds": sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(records, records[1:])
-                             if "tokens_per_s" in b),
-        "folder": _shown(folder),
+        "method": run.config["method"], "layers": len(shape.blocks), "params": shape.params,
+        "trainable_params": shape.trainable, **run.summary(), "final_loss": run.final_loss,
+        "tokens_per_s": run.tokens_per_s, "train_seconds": run.train_seconds, "folder": _shown(folder),
     }
 
 
@@ -243,19 +215,15 @@ def _shown(folder: Path) -> str:
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Seed means per experiment and variant. Forgetting: general perplexity at the end / the *base's* (not the
-    grown model's at step 0: for recovery runs that is the damaged model). Gain: domain perplexity at the run's
-    step 0 / at its end (for recovery runs, from the damaged model)."""
-    base = results[results["run"].isin(["full", "recovery-base"])]
-    df = results.copy()
-    # step 0 of a run that starts from the ungrown base: the base's perplexities, the same for every seed
-    general_base = base["general_ppl_start"].mean() if len(base) else df["general_ppl_start"].min()
-    df["forgetting"] = df["general_ppl_end"] / general_base
-    df["gain"] = df["domain_ppl_start"] / df["domain_ppl_end"]
-    keep = ["layers", "params", "trainable_params", "general_ppl_start", "general_ppl_end", "domain_ppl_start",
-            "domain_ppl_end", "forgetting", "gain", "tokens_per_s", "train_seconds"]
-    grouped = df.groupby(["experiment", "variant", "run"], sort=False)
+    """Seed means per experiment and variant, with the spread (max - min) of forgetting and gain over seeds;
+    forgetting and gain as deepen.runs defines them (against the base, before growing)."""
+    keep = ["layers", "params", "trainable_params", "general_ppl_base", "general_ppl_start", "general_ppl_end",
+            "domain_ppl_base", "domain_ppl_start", "domain_ppl_end", "forgetting", "gain", "tokens_per_s",
+            "train_seconds"]
+    grouped = results.groupby(["experiment", "variant", "run"], sort=False)
     summary = grouped[keep].mean().reset_index()
+    for column in ("layers", "params", "trainable_params"):
+        summary[column] = summary[column].round().astype("int64")  # counts stay exact integers
     summary["seeds"] = grouped.size().values
     spread = grouped[["forgetting", "gain"]].agg(lambda s: s.max() - s.min()).reset_index(drop=True)
     summary["forgetting_spread"], summary["gain_spread"] = spread["forgetting"].values, spread["gain"].values
@@ -332,15 +300,7 @@ def figures(results: pd.DataFrame, prefix: str, out: str | Path | None = None) -
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from deepen import plots
-    from deepen.train import read_metrics
-
-    summary = summarise(results)
-    df = results.merge(summary[["experiment", "variant"]], on=["experiment", "variant"])
-    base = summary.loc[summary["run"].isin(["full", "recovery-base"]), "general_ppl_start"]
-    general_base = base.mean() if len(base) else df["general_ppl_start"].min()
-    df["forgetting"] = df["general_ppl_end"] / general_base
-    df["gain"] = df["domain_ppl_start"] / df["domain_ppl_end"]
+    df = results
     paths = []
     panels = [e for e in ("methods", "placement", "n_blocks") if e in set(df["experiment"])]
     if panels:
@@ -397,7 +357,6 @@ def main(args: argparse.Namespace) -> int:
     threads = 1 if not torch.accelerator.is_available() else None  # CPU: one thread per process is fastest here
     results = run(args.rung, args.seeds, args.jobs, args.overrides, args.root, tuple(args.experiments.split(",")),
                   threads=threads, out=args.out)
-    from deepen import plots
 
     out = Path(args.out) if args.out else plots.figures_dir()
     prefix = f"05_{args.rung}"

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from deepen.models import require_model
+
 # Real English text to compare on: the opening of the Universal Declaration of Human Rights (public domain).
 SAMPLE_TEXT = (
     "Whereas recognition of the inherent dignity and of the equal and inalienable rights of all members of "
@@ -81,24 +83,49 @@ def compare(base, grown, input_ids: torch.Tensor, prompt_ids: torch.Tensor | Non
 
 def sample_inputs(folders: list, vocab_size: int, text: str = SAMPLE_TEXT, prompt: str = PROMPT):
     """(input_ids, prompt_ids): the first folder's tokenizer on real text, or seeded random ids when no folder
-    has a tokenizer (tiny random models)."""
+    has a tokenizer that gives at least 2 tokens of each (tiny random models; a folder without tokenizer files)."""
     from transformers import AutoTokenizer
 
     for folder in folders:
         try:
             tok = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError, TypeError):
+            ids, prompt_ids = tok(text, return_tensors="pt").input_ids, tok(prompt, return_tensors="pt").input_ids
+        except (OSError, ValueError, TypeError, KeyError):
             continue
-        return tok(text, return_tensors="pt").input_ids, tok(prompt, return_tensors="pt").input_ids
+        if ids.shape[-1] >= 2 and prompt_ids.shape[-1] >= 2 and int(ids.max()) < vocab_size:
+            return ids, prompt_ids
     ids = torch.randint(0, vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     return ids, ids[:1, :8]
 
 
+def _hf_config(path: str | os.PathLike, role: str):
+    """The transformers config of a model folder or hub id; a clear error for a folder that is not there."""
+    from transformers import AutoConfig
+
+    require_model(path, role)
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{role} {path}: not a model folder and not reachable as a hub id ({e})") from None
+
+
+def comparable(base_config, grown_config) -> None:
+    """Refuse two models that cannot be compared token for token: another vocabulary or another family."""
+    if base_config.vocab_size != grown_config.vocab_size:
+        raise ValueError(f"the models have different vocabularies ({base_config.vocab_size:,} and "
+                         f"{grown_config.vocab_size:,} tokens): a grown model keeps its base's; compare a model with "
+                         "the base it was grown from")
+    if base_config.model_type != grown_config.model_type:
+        raise ValueError(f"the models are of different families ({base_config.model_type} and "
+                         f"{grown_config.model_type}): a grown model keeps its base's architecture")
+
+
 def verify(base_path: str | os.PathLike, grown_path: str | os.PathLike, dtype: str = "float32",
            text: str = SAMPLE_TEXT, max_new_tokens: int = 20) -> Report:
-    """Load two model folders (or hub ids) and compare them."""
+    """Load two model folders (or hub ids) and compare them; refuses models that cannot be compared."""
     from transformers import AutoModelForCausalLM
 
+    comparable(_hf_config(base_path, "BASE"), _hf_config(grown_path, "GROWN"))
     torch_dtype = getattr(torch, dtype)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype)
     grown = AutoModelForCausalLM.from_pretrained(grown_path, dtype=torch_dtype)

@@ -26,13 +26,16 @@ import ipywidgets as widgets
 import pandas as pd
 import seaborn as sns
 import torch
-import yaml
 from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM
 
-from deepen import llama
+from deepen import REPO, llama
+from deepen import budget as B
+from deepen.config import DataConfig, GrowConfig, RunConfig, TrainConfig
 from deepen.llama import PRESETS
-from deepen.plan import METHODS, PLACEMENTS, Plan, build
+from deepen.plan import PLACEMENTS, PLAN_METHODS, Plan, build
+from deepen.runs import find_runs
+from deepen.train import model_folder, tiny_base
 
 STYLE = {"description_width": "90px"}
 USES = {"llama-pro": ("groups", "copies", "placement"), "dus": ("drop",), "idus": ("drop", "group"),
@@ -127,9 +130,6 @@ def plan_memory(shape: str, layers: int, grow: dict, gpus: int) -> str:
     """Memory per GPU to train `shape` with `layers` blocks grown by `grow` (a run config's `grow:` keys), only
     the new blocks (LLaMA Pro) vs every parameter (full), by `deepen.budget` on the meta device, with the
     `TRAINING` settings."""
-    from deepen import budget as B
-    from deepen.config import DataConfig, GrowConfig, RunConfig, TrainConfig
-
     t = TRAINING
     run = RunConfig(model=shape_folder(shape, layers), method="llama-pro", grow=GrowConfig(**grow),
                     data=DataConfig(seq_len=t["seq_len"]),
@@ -168,7 +168,7 @@ class PlanExplorer(Explorer):
         half = n // 2
         map = map or f"0-{half - 1},{half - 1}z,{half}-{n - 1},{n - 1}z"  # two halves, a zeroed copy after each
         self.controls = {
-            "method": dropdown("method", list(METHODS), method),
+            "method": dropdown("method", list(PLAN_METHODS), method),
             "shape": dropdown("shape", list(PRESETS), shape),
             "layers": slider("layers", n, 1, 96),
             "groups": slider("groups", groups, 1, 96),
@@ -230,14 +230,10 @@ def load_model(model=None, tokenizer=None):
     from transformers import AutoTokenizer
 
     if model is None:
-        from deepen.train import tiny_base
-
         model, tokenizer = tiny_base()
         return model, tokenizer, "tiny base"
     if isinstance(model, (str, Path)):
-        from deepen.train import model_path
-
-        path = model_path(str(model))  # "tiny-base", "smollm2", a folder or a hub id
+        path = model_folder(str(model))  # "tiny-base", "smollm2", a folder or a hub id
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     name = Path(model.name_or_path).name or type(model).__name__
     return model, tokenizer or AutoTokenizer.from_pretrained(model.name_or_path), name
@@ -377,8 +373,6 @@ def setting_label(config: dict) -> str:
 def runs_folder(runs: str | Path) -> Path:
     """`runs` as given; a relative path that is not in the working directory is read from the repository (a
     notebook runs in notebooks/, `make reproduce` writes runs/reproduce at the top)."""
-    from deepen import REPO
-
     path = Path(runs)
     if not path.is_absolute() and not path.exists() and (REPO / "pyproject.toml").is_file() and (REPO / path).exists():
         return REPO / path
@@ -389,37 +383,20 @@ def read_runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(records, runs) of every run under `root` (a folder holding metrics.jsonl, written by deepen.train.train).
     records: one row per logged step, with the run's name (its folder relative to root), method, grow and
     setting (`setting_label`: what the run trains, without its seed);
-    runs: one row per run with its final numbers, forgetting (general ppl after / before) and gain (domain ppl
-    before / after). A partly written last line (a run in progress) is skipped."""
+    runs: one row per run with its final numbers, forgetting and gain as deepen.runs defines them (against the
+    base). A partly written last line (a run in progress) is skipped."""
     root = Path(root)
     records, runs = [], []
-    from deepen import train
-
-    for path in sorted(root.rglob(train.METRICS)):
-        folder = path.parent
-        name = folder.relative_to(root).as_posix() if folder != root else root.name
-        config_path = folder / "config.yaml"
-        config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-        run = {"run": name, "method": config.get("method", "?"), "grow": grow_label(config),
-               "setting": setting_label(config)}
-        rows = [{**run, **record} for record in train.read_metrics(folder)]
-        if not rows:
-            continue
-        frame = pd.DataFrame(rows)
-        records.append(frame)
-        last = frame.iloc[-1]
-        final = {**run, "steps": int(last["step"]), "tokens": int(last["tokens"]),
-                 "loss": frame["loss"].dropna().iloc[-1] if "loss" in frame and frame["loss"].notna().any() else None}
-        for key in ("ppl_general", "ppl_domain"):
-            values = frame[key].dropna() if key in frame else pd.Series(dtype=float)
-            final[f"{key} before"] = values.iloc[0] if len(values) else None
-            final[f"{key} after"] = values.iloc[-1] if len(values) else None
-        runs.append(final)
-    runs = pd.DataFrame(runs)
-    if len(runs):
-        runs["forgetting"] = runs["ppl_general after"] / runs["ppl_general before"]
-        runs["gain"] = runs["ppl_domain before"] / runs["ppl_domain after"]
-    return (pd.concat(records, ignore_index=True) if records else pd.DataFrame()), runs
+    for result in find_runs(root):
+        name = result.folder.relative_to(root).as_posix() if result.folder != root else root.name
+        run = {"run": name, "method": result.config.get("method", "?"), "grow": grow_label(result.config),
+               "setting": setting_label(result.config)}
+        records.append(pd.DataFrame([{**run, **record} for record in result.records]))
+        runs.append({**run, "steps": result.steps, "tokens": result.tokens, "loss": result.final_loss,
+                     "ppl_general base": result.base_general, "ppl_general after": result.last["ppl_general"],
+                     "ppl_domain base": result.base_domain, "ppl_domain after": result.last["ppl_domain"],
+                     "forgetting": result.forgetting, "gain": result.gain})
+    return (pd.concat(records, ignore_index=True) if records else pd.DataFrame()), pd.DataFrame(runs)
 
 
 class ResultsExplorer(Explorer):
@@ -457,7 +434,7 @@ class ResultsExplorer(Explorer):
         chosen = self.runs[self.runs["run"].isin(v["runs"])]
         table = chosen.drop(columns=["method", "grow", "setting"]).set_index("run")
         self.summary = (f"{len(chosen)} of {len(self.runs)} runs under {self.shown}, final numbers; forgetting = "
-                        f"general ppl after / before, gain = domain ppl before / after\n"
+                        f"general ppl after / the base's, gain = the base's domain ppl / after\n"
                         + table.to_string(float_format=lambda f: f"{f:,.0f}" if abs(f) >= 1000 else f"{f:.3g}"))
         fig = Figure(figsize=(9, 5), layout="constrained")
         ax = fig.subplots()
@@ -473,15 +450,15 @@ class ResultsExplorer(Explorer):
             ax.set(title=f"{v['metric']} against {v['x']}", xlabel=v["x"], ylabel=v["metric"])
         else:
             self.data = chosen.dropna(subset=["forgetting", "gain"])
-            x, y = "gain", "forgetting"
+            x, y = "forgetting", "gain"  # as in every figure of forgetting against gain: upper left is better
             if len(self.data):
                 sns.scatterplot(data=self.data, x=x, y=y, hue=v["by"], s=80, ax=ax)
                 for _, row in self.data.iterrows():
                     ax.annotate(row["run"], (row[x], row[y]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-            ax.axhline(1, color="grey", ls="--", lw=1)
-            ax.set(xscale="log", yscale="log", title="Forgetting vs gain per run (lower right is better)",
-                   xlabel="gain: domain perplexity before / after",
-                   ylabel="forgetting: general perplexity after / before")
+            ax.axvline(1, color="grey", ls="--", lw=1)
+            ax.set(xscale="log", yscale="log", title="Gain against forgetting per run (upper left is better)",
+                   xlabel="forgetting: general perplexity after / the base's",
+                   ylabel="gain: the base's domain perplexity / after")
         self._draw(fig)
         self.output.value = f"<pre>{html.escape(self.summary)}</pre>"
 
@@ -489,8 +466,8 @@ class ResultsExplorer(Explorer):
 def results_explorer(runs: str | Path = "runs/reproduce", **defaults) -> ResultsExplorer:
     """Every continual-pretraining run under the folder `runs` (each a folder with config.yaml and metrics.jsonl
     from `deepen train`): pick runs, a metric (loss, ppl_general, ppl_domain, lr, tokens_per_s) and the x axis
-    (step or tokens) for a line plot, or view forgetting (general perplexity after/before) against gain (domain
-    perplexity before/after). The text form is the table of final numbers per run. A relative `runs` missing
+    (step or tokens) for a line plot, or view forgetting (general perplexity after / the base's) against gain
+    (the base's domain perplexity / after). The text form is the table of final numbers per run. A relative `runs` missing
     from the working directory is read from the repository. defaults: metric ("loss"), x ("step"), by ("run",
     "setting", "method" or "grow"), view ("curves" or "forgetting vs gain")."""
     return ResultsExplorer(runs, **defaults)

@@ -1,0 +1,129 @@
+"""The training loop's pieces, one of each: the optimizer and schedule, `train_step` (every step anyone takes —
+`deepen train` on accelerate, the notebooks' plain loop, the benchmarks, the lab checks), held-out perplexity, and
+`train_steps`, the plain loop over packed blocks that notebooks use.
+
+    h = model(ids);  loss = CE(h[:, :-1], ids[:, 1:]);  loss.backward();  clip;  AdamW step;  schedule step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from deepen.batches import batches
+from deepen.config import PRECISIONS, TrainConfig, batch_layout
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss was nan or inf; no weight was changed by that step."""
+
+
+def optimizer_and_schedule(params: list, train: TrainConfig):
+    """AdamW over `params` only (frozen parameters get no state), β = (0.9, 0.95), weight decay on matrices only
+    (norms' gains are not decayed); linear warmup over the first `train.warmup` share of the steps, then cosine
+    down to lr · min_lr_ratio."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=train.lr, betas=(0.9, 0.95))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(train.warmup * train.steps), train.steps,
+                                                           min_lr_rate=train.min_lr_ratio)
+    return optimizer, schedule
+
+
+def train_step(model, batch: torch.Tensor, optimizer, schedule=None, *, clip: float | None = 1.0,
+               micro_batch: int | None = None, accelerator=None, autocast: bool = False) -> float:
+    """One optimizer step of next-token prediction on `batch` (rows, seq); returns its mean loss.
+
+    Forward and backward per micro-batch of at most `micro_batch` rows (the largest size that divides the batch;
+    all rows at once when None); the gradients add up, each micro-batch's loss weighted 1/count, so the step is
+    the whole batch's mean. Then the gradient norm
+    clipped to `clip` (None: not clipped), the optimizer and the schedule stepped, the gradients cleared.
+    A nan/inf loss raises NonFiniteLoss before any weight changes.
+    accelerator: a run on accelerate (one process, DDP or FSDP2): its accumulate, backward (which divides by the
+    accumulation steps: one per micro-batch), clip and the loss averaged over processes; its prepared model
+    runs under its own autocast. autocast: bf16 autocast for a plain model (no accelerator)."""
+    micros = batch.split(batch_layout(len(batch), micro_batch or len(batch), 1)[1])  # (micro, seq) each
+    if accelerator is not None and len(micros) != accelerator.gradient_accumulation_steps:
+        raise ValueError(f"{len(micros)} micro-batches per step, but the accelerator accumulates "
+                         f"{accelerator.gradient_accumulation_steps}")
+    device = batch.device
+    loss = torch.zeros((), device=device)
+    for micro in micros:
+        if accelerator is None:
+            with torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext():
+                micro_loss = model(input_ids=micro, labels=micro).loss  # labels shift inside: predict micro[:, 1:]
+            (micro_loss / len(micros)).backward()
+        else:
+            with accelerator.accumulate(model):
+                micro_loss = model(input_ids=micro, labels=micro).loss
+                accelerator.backward(micro_loss)
+        loss += micro_loss.detach() / len(micros)
+    if accelerator is not None:
+        loss = accelerator.reduce(loss, "mean")
+    loss = loss.item()
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss is {loss}")
+    if clip is not None:
+        params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2: the sharded parameters
+        (accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_)(params, clip)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean cross-entropy) of predicting blocks[:, 1:] from what comes before, every token weighing the same."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start:start + batch_size].to(device)  # (batch, seq)
+        logits = model(input_ids=ids).logits[:, :-1].float()  # (batch, seq - 1, vocab)
+        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def train_steps(model, blocks: torch.Tensor, config: TrainConfig | None = None, *, progress: bool = True,
+                desc: str = "train", **changes) -> list[float]:
+    """Train the parameters that require grad on `blocks` (n, seq) with `deepen train`'s recipe and defaults
+    (a TrainConfig, fields changed by `changes`, e.g. steps=60, lr=2e-3, global_batch=8); return each step's loss.
+
+    Batches of global_batch rows come from `batches(blocks, global_batch, steps, seed)`, every row once per epoch,
+    so the same arguments give the same run; precision "bf16" runs under autocast."""
+    train = dataclasses.replace(config or TrainConfig(), **changes)
+    if train.precision not in PRECISIONS:
+        raise ValueError(f"precision={train.precision!r}; use one of {', '.join(PRECISIONS)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter requires grad: nothing to train")
+    optimizer, schedule = optimizer_and_schedule(params, train)
+    device = next(model.parameters()).device
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(batches(blocks, train.global_batch, train.steps, train.seed), total=train.steps, desc=desc,
+               disable=not progress)
+    for ids in bar:
+        try:
+            losses.append(train_step(model, ids.to(device), optimizer, schedule, clip=train.clip,
+                                     micro_batch=train.micro_batch, autocast=train.precision == "bf16"))
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e} at step {len(losses) + 1}; lower lr (now {train.lr})"
+                                + (" or use precision fp32" if train.precision != "fp32" else "")) from None
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return losses
