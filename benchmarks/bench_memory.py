@@ -2,9 +2,10 @@
 
 For a run config (default: the tiny rung, configs/tiny-cpu.yaml; `--rung smol`: SmolLM2-135M grown to 36 layers,
 configs/smol-gpu.yaml shortened to fit a CPU) and each method (llama-pro, full), the model is set up as
-deepen.train does it (grown by the config's plan, select_trainable, AdamW over the trainable parameters, fp32),
-one optimizer step is run to create the AdamW state, then the next step — every micro-batch's forward and
-backward, gradient clipping, the AdamW step, zero_grad — runs under torch.profiler with profile_memory.
+deepen.train does it (build_model: grown by the config's plan, what learns set by the method; deepen.loop's
+optimizer and train_step, fp32), one optimizer step is run to create the AdamW state, then the next step — every
+micro-batch's forward and backward, gradient clipping, the AdamW step, zero_grad — runs under torch.profiler with
+profile_memory.
 
 What is measured: the bytes of live CPU tensors over the step, from the profiler's memory timeline (each
 allocation and free of a tensor's storage, categorised by torch as parameter, optimizer state, gradient,
@@ -48,29 +49,24 @@ def measure(config, method: str, seed: int = 0) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
 
-    from deepen.train import _load_model, model_path, optimizer_and_schedule, select_trainable
+    from deepen.config import batch_layout
+    from deepen.loop import optimizer_and_schedule, train_step
+    from deepen.train import build_model, model_folder
 
     config = dataclasses.replace(config, method=method)
     t = config.train
     torch.manual_seed(seed)
-    model, manifest = _load_model(config, model_path(config.model))
-    select_trainable(model, method, manifest["new_layers"] if manifest else [], config.also_train)
+    model, _ = build_model(config, model_folder(config.model))  # grown and frozen as deepen train does it
     model.config.use_cache = False
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, schedule = optimizer_and_schedule(params, t.lr, t.weight_decay, t.warmup, t.steps, t.min_lr_ratio)
-    accumulation = t.global_batch // t.micro_batch
+    optimizer, schedule = optimizer_and_schedule(params, t)
+    micro, accumulation = batch_layout(t.global_batch, t.micro_batch, 1)[1:]
     ids = torch.randint(0, model.config.vocab_size, (t.global_batch, config.data.seq_len),
                         generator=torch.Generator().manual_seed(seed))
 
-    def step():  # deepen.train's optimizer step on one process
-        for micro in ids.split(t.micro_batch):
-            loss = model(input_ids=micro, labels=micro).loss / accumulation
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():  # deepen train's optimizer step on one process
+        train_step(model, ids, optimizer, schedule, clip=t.clip, micro_batch=micro)
 
     step()  # AdamW creates its state in the first step: measure the steady state
     began = time.perf_counter()

@@ -1,5 +1,5 @@
 """Training speed and peak memory of LLaMA Pro (only the new blocks learn) against full training of the same
-grown model: deepen.llama.PRESETS["tiny"] (8 layers, dim 256) grown by llama_pro(groups=2) to 10 layers, 2 new.
+grown model: deepen.llama.PRESETS["toy"] (8 layers, dim 256) grown by llama_pro(groups=2) to 10 layers, 2 new.
 
 Speed: one process, the two set-ups interleaved step by step (separate processes drift by up to 30% on a small
 CPU), each step the one deepen.train runs — forward + loss + backward, clip, AdamW over the trainable
@@ -31,15 +31,16 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from deepen.grow import grow  # noqa: E402
 from deepen.llama import PRESETS  # noqa: E402
 from deepen.plan import llama_pro  # noqa: E402
-from deepen.train import select_trainable  # noqa: E402
+from deepen.loop import train_step  # noqa: E402
+from deepen.trainable import select_trainable  # noqa: E402
 
 METHODS = ("llama-pro", "full")
 
 
 def setup(method: str, seed: int = 0):
-    """(model, trainable parameters, optimizer) for one method on the grown tiny model, as deepen.train sets it up."""
+    """(model, trainable parameters, optimizer) for one method on the grown toy model, as deepen.train sets it up."""
     torch.manual_seed(seed)
-    config = PRESETS["tiny"].to_hf()
+    config = PRESETS["toy"].to_hf()
     plan = llama_pro(config.num_hidden_layers, groups=2)
     model = grow(LlamaForCausalLM(config), plan).train()
     model.config.use_cache = False
@@ -49,12 +50,9 @@ def setup(method: str, seed: int = 0):
 
 
 def step(model, params, optimizer, ids: torch.Tensor) -> float:
-    """Seconds for one optimizer step: forward + loss + backward, clip, AdamW."""
+    """Seconds for one optimizer step, deepen's train_step: forward + loss + backward, clip, AdamW."""
     start = time.perf_counter()
-    model(input_ids=ids, labels=ids).loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train_step(model, ids, optimizer, clip=1.0)
     return time.perf_counter() - start
 
 
@@ -100,7 +98,7 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     total = sum(p.numel() for p in runs["full"][0].parameters())
     trainable = sum(p.numel() for p in runs["llama-pro"][1])
-    print(f"tiny preset grown 8 -> 10 layers (new: {llama_pro(8, groups=2).new_layers}): {total / 1e6:.1f}M params, "
+    print(f"toy preset grown 8 -> 10 layers (new: {llama_pro(8, groups=2).new_layers}): {total / 1e6:.1f}M params, "
           f"{trainable / 1e6:.2f}M trainable with llama-pro; batch {args.batch}x{args.seq}, {args.threads} thread(s), "
           f"torch {torch.__version__}")
     times: dict[str, list[float]] = {method: [] for method in METHODS}
@@ -113,7 +111,7 @@ def main() -> None:
     speed = {method: tokens / statistics.median(t) for method, t in times.items()}
     for method in METHODS:
         print(f"{method:>9}: {speed[method]:,.0f} tokens/s (median of {args.steps} steps)")
-    run = load_config(None, ["model=tiny", "grow={method: llama-pro, groups: 2}", f"data.seq_len={args.seq}"])
+    run = load_config(None, ["model=toy", "grow={method: llama-pro, groups: 2}", f"data.seq_len={args.seq}"])
     predicted = budget.budget(run).speedup
     print(f"FLOP model (deepen.budget, blocks below the first new one do no backward): predicted {predicted:.2f}x")
     print(f"BENCH be_vs_full_train_speed {speed['llama-pro'] / speed['full']:.2f} x")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 from deepen.checkpoint import CheckpointError, expand, parse_size, read_header
 from deepen.grow import grow
-from deepen.output import read_manifest
+from deepen.manifest import Manifest
 from deepen.plan import custom, dus, idus, llama_pro, stack
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -94,7 +94,7 @@ def test_llama_pro_is_exactly_the_base(bases, base, plan, tmp_path):
     assert torch.equal(_logits(after, IDS), _logits(before, IDS))
     if base.startswith("qwen2"):
         assert len(after.config.layer_types) == plan.n_layers
-    saved, manifest = read_manifest(out)
+    manifest = Manifest.read(out); saved, manifest = manifest.plan, manifest.to_dict()
     assert saved == plan and manifest["new_layers"] == plan.new_layers
     assert manifest["base"] == str(bases[base])
 
@@ -228,7 +228,7 @@ def test_parse_size():
 
 def test_plan_as_a_function_of_the_depth(bases, tmp_path):
     out = expand(bases["llama"], tmp_path / "out", lambda n: llama_pro(n, groups=2), progress=False)
-    assert read_manifest(out)[0] == llama_pro(4, groups=2)
+    assert Manifest.read(out).plan == llama_pro(4, groups=2)
 
 
 def test_overwrite(bases, tmp_path):
@@ -273,7 +273,7 @@ def test_pickle_refused_unless_allowed(bases, tmp_path):
     after = _load(out)
     assert after.dtype == torch.bfloat16
     assert torch.equal(_logits(after, IDS), _logits(model, IDS))
-    assert read_manifest(out)[1]["source_format"] == "pickle"
+    assert Manifest.read(out).extra["source_format"] == "pickle"
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -398,4 +398,4 @@ def test_smollm2_llama_pro_is_exact(smollm2_model, smollm2_tokenizer, tmp_path):
     text = "The capital of France is Paris, and the capital of Italy is"
     ids = smollm2_tokenizer(text, return_tensors="pt").input_ids
     assert torch.equal(_logits(grown, ids), _logits(smollm2_model, ids))
-    assert read_manifest(out)[1]["base"] == "smollm2"
+    assert Manifest.read(out).base == "smollm2"

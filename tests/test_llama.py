@@ -198,10 +198,10 @@ def test_config_round_trip(name):
 
 
 def test_replace_keeps_head_dim_derived():
-    assert PRESETS["tiny"].replace(dim=512).head_dim == 128
-    assert PRESETS["tiny"].replace(n_heads=8, n_kv_heads=8).head_dim == 32
+    assert PRESETS["toy"].replace(dim=512).head_dim == 128
+    assert PRESETS["toy"].replace(n_heads=8, n_kv_heads=8).head_dim == 32
     assert SMALL.replace(head_dim=24).replace(dim=128).head_dim == 24  # an explicit head_dim stays
-    assert PRESETS["tiny"].replace(n_layers=2).head_dim == 64
+    assert PRESETS["toy"].replace(n_layers=2).head_dim == 64
 
 
 def test_parameter_counts_on_meta_device():
@@ -210,7 +210,7 @@ def test_parameter_counts_on_meta_device():
     assert sum(p.numel() for p in llama2.parameters()) == 6_738_415_616
     assert sum(p.numel() for p in llama2.blocks[0].parameters()) == 202_383_360
     assert sum(p.numel() for p in mistral.blocks[0].parameters()) == 218_112_000
-    assert 1e6 <= sum(p.numel() for p in Llama(PRESETS["tiny"]).parameters()) <= 10e6
+    assert 1e6 <= sum(p.numel() for p in Llama(PRESETS["toy"]).parameters()) <= 10e6
 
 
 def test_unsupported_models_are_refused_clearly():

@@ -10,10 +10,12 @@ import datasets
 import pytest
 import torch
 
-import deepen.data
+import deepen.batches
 from deepen.config import DataConfig, load_config
 from deepen.data import SPLITS, load_corpus, pack, stream_blocks, stream_documents, tiny_tokenizer
-from deepen.train import METRICS, streams, train
+from deepen.batches import streams
+from deepen.rundir import METRICS
+from deepen.train import train
 
 WORDS = "the of a model block layer token def return import x = 1 + 2 ( ) : loss grows deeper".split()
 
@@ -145,7 +147,7 @@ def test_which_corpora_stream(base, tmp_path, monkeypatch):
         raise AssertionError("a built-in corpus streamed by default")
 
     with monkeypatch.context() as m:  # the default for built-ins: packed in memory, never streamed
-        m.setattr(deepen.data, "stream_blocks", refuse)
+        m.setattr(deepen.batches, "stream_blocks", refuse)
         out = train(config(base, tmp_path / "run", "train.steps=1", "data.max_tokens=4096"), progress=False)
     assert "data_passes" not in records(out.parent)[1]
 

@@ -27,7 +27,7 @@ def test_plan_explorer_defaults_counts_and_memory_at_7b():
     full_1 = B.budget(load_config(ROOT / "configs/llama2-7b-pro.yaml"), gpus=1, gpu_memory=80, method="full")
     assert f"{full_1.memory_total / B.GB:7.1f} GB  does not fit" in explorer.summary
 
-    explorer.controls["shape"].value = "tiny"  # 8 layers
+    explorer.controls["shape"].value = "toy"  # 8 layers
     explorer.controls["groups"].value = 2
     assert explorer.plan.n_layers == 10 and "8 -> 10 layers" in explorer.summary
     explorer.controls["groups"].value = 3
