@@ -148,6 +148,9 @@ def grade(notebooks: list[str | os.PathLike], out: str | os.PathLike, solutions:
     rows = []
     for notebook in notebooks:
         nb = nbformat.read(notebook, as_version=4)
+        if not exercises(nb):
+            raise ValueError(f"{notebook} has no exercises (no cell marked as one, no checks.check_... call): "
+                             "is it a lab? The labs are notebooks/labs/lab*.ipynb")
         if solutions is not None:
             nb = fill(nb, solutions_file(notebook, solutions))
         rows += run(notebook, nb, timeout)

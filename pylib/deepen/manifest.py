@@ -175,12 +175,12 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
     complete, then swapped out (renamed aside, the new one renamed in, the old one removed). Leftovers of a
     killed earlier write into `out` are removed first (`sweep_stale`)."""
     out = Path(out)
+    sweep_stale(out)  # first: it may put back an OUT that an interrupted --overwrite had set aside
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a folder; choose another output folder")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output folder or pass overwrite=True (--overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out)
     owner = f".{out.name}.{os.getpid()}@{_host()}."
     with terminate_as_exception():
         tmp = Path(tempfile.mkdtemp(prefix=owner, suffix=".partial", dir=out.parent))
@@ -189,12 +189,16 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-            old = None
-            if out.exists():
+            if not out.exists():
+                os.replace(tmp, out)
+            else:  # swap: the old OUT aside, the new one in, the old one removed; put back if the swap fails
                 old = Path(tempfile.mkdtemp(prefix=owner, suffix=".old", dir=out.parent))
-                os.replace(out, old)  # an empty folder: replaced by the old OUT
-            os.replace(tmp, out)
-            if old is not None:
+                os.replace(out, old)  # onto an empty folder of its own
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
