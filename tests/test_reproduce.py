@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from deepen.budget import shape_of
-from deepen.reproduce import check_claims, plan_runs, rung_config, run
+from deepen.reproduce import check_claims, jobs_of, parse_sweep, plan_runs, rung_config, run
 
 
 def test_the_tiny_rung_plans_the_papers_comparisons():
@@ -17,14 +17,47 @@ def test_the_tiny_rung_plans_the_papers_comparisons():
     assert by[("placement", "interleave")] == by[("n_blocks", "2 new")] == pro  # one run, used three times
     control = by[("methods", "every 4th original block")]
     assert "blocks=[3, 7]" in control.overrides and "grow=null" in control.overrides  # no new parameters
-    trainable = {name: shape_of(rung_config("tiny", list(r.overrides))).trainable for (x, name), r in by.items()
+    trainable = {name: shape_of(rung_config("tiny", "cpu", list(r.overrides))).trainable for (x, name), r in by.items()
                  if x == "methods"}
     lora = next(v for k, v in trainable.items() if k.startswith("lora"))
     assert trainable["every 4th original block"] == trainable["llama-pro"]  # the same blocks' worth of weights
     assert abs(lora / trainable["llama-pro"] - 1) < 0.05  # LoRA's rank chosen for a comparable count
     recovery = [v for x, v in by if x == "recovery"]
     assert recovery == ["base", "DUS m=2 (12 layers)", "stack m=0 (16 layers)"]
-    assert len({r.name for r in by.values()}) == 13  # distinct runs
+    assert [v for x, v in by if x == "init"] == ["zeroed (LLaMA Pro)", "plain copy", "random", "masked copy (MSG)"]
+    assert by[("init", "zeroed (LLaMA Pro)")] == pro and by[("control", "full on general")] == by[("recovery", "base")]
+    assert "data.domain=general" in by[("control", "llama-pro on general")].overrides
+    assert len({r.name for r in by.values()}) == 17  # distinct runs
+
+
+def test_the_smol_rung_plans_what_the_issue_asks_without_training():
+    """SmolLM2 (30 layers) -> 36: the five methods with matched trainable counts, placement, 1/3/6/10/15 new
+    blocks, four initialisations, the controls on general text and the recovery; every run the same tokens,
+    schedule and held-out blocks; the CPU profile at least 100k tokens per run, the GPU one 20M with a sweep."""
+    for profile, tokens in (("cpu", 100_000), ("gpu", 20_000_000)):
+        entries = plan_runs("smol", profile)
+        by = {(e.experiment, e.variant): e.run for e in entries}
+        assert [v for x, v in by if x == "n_blocks"] == ["1 new", "3 new", "6 new", "10 new", "15 new"]
+        assert [v for x, v in by if x == "methods"][:2] == ["llama-pro", "full (SeqFT)"]
+        trainable = {v: shape_of(rung_config("smol", profile, list(r.overrides))).trainable
+                     for (x, v), r in by.items() if x == "methods"}
+        lora = next(n for v, n in trainable.items() if v.startswith("lora"))
+        assert trainable["every 5th original block"] == trainable["llama-pro"] == 6 * 3_540_096
+        assert abs(lora / trainable["llama-pro"] - 1) < 0.02
+        configs = {r.name: rung_config("smol", profile, list(r.overrides)) for r in by.values()}
+        budgets = {(c.train.steps, c.train.global_batch, c.data.seq_len, c.train.lr, c.train.seed,
+                    c.train.eval_batches, c.data.general) for c in configs.values()}
+        assert len(budgets) == 1  # the same tokens, schedule, seed and evaluation blocks for every run
+        steps, batch, seq, *_ = budgets.pop()
+        assert steps * batch * seq >= tokens
+        assert {c.data.domain for c in configs.values()} == {"code", "wiki"}  # wiki: the controls and recovery
+    assert parse_sweep("lr=1e-4,3e-4") == [1e-4, 3e-4] and parse_sweep(None) == [None]
+    jobs = jobs_of(plan_runs("smol", "gpu")[:1], 2, parse_sweep("lr=1e-4,3e-4"), __import__("pathlib").Path("r"))
+    assert [j.folder.name for j in jobs] == ["llama-pro-6-lr0.0001-s0", "llama-pro-6-lr0.0001-s1",
+                                             "llama-pro-6-lr0.0003-s0", "llama-pro-6-lr0.0003-s1"]
+    assert "train.lr=0.0003" in jobs[2].overrides and "train.seed=1" in jobs[3].overrides
+    with pytest.raises(ValueError, match="only the learning rate is swept"):
+        parse_sweep("wd=0.1")
 
 
 def summary(rows: dict) -> pd.DataFrame:
@@ -51,17 +84,41 @@ def test_claims_hold_or_not_by_the_numbers():
 
 
 def test_a_small_reproduction_writes_its_tables_and_figures(tmp_path):
-    results = run("tiny", seeds=1, jobs=1, experiments=("placement",), root=tmp_path / "runs", out=tmp_path / "fig",
-                  progress=False, overrides=["train.steps=2", "train.eval_every=2", "train.eval_batches=1",
-                                             "train.save_every=10"])
-    assert list(results["variant"]) == ["interleave", "top", "bottom"]
+    results = run("tiny", seeds=1, jobs=1, experiments=("placement", "init"), root=tmp_path / "runs",
+                  out=tmp_path / "fig", progress=False,
+                  overrides=["train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=10"])
+    assert list(results["variant"]) == ["interleave", "top", "bottom", "zeroed (LLaMA Pro)", "plain copy", "random",
+                                        "masked copy (MSG)"]
     assert (results["steps"] == 2).all() and (results["trainable_params"] == results["trainable_params"][0]).all()
+    init = results[results["experiment"] == "init"].set_index("variant")
+    for exact in ("zeroed (LLaMA Pro)", "masked copy (MSG)"):  # the base's function at step 0, exactly
+        assert init.loc[exact, "general_ppl_start"] == init.loc[exact, "general_ppl_base"]
+    for moved in ("plain copy", "random"):
+        assert init.loc[moved, "general_ppl_start"] != init.loc[moved, "general_ppl_base"]
     names = sorted(p.name for p in (tmp_path / "fig").iterdir())
     assert names == ["05_tiny_claims.csv", "05_tiny_forgetting_vs_gain.png", "05_tiny_results.csv",
                      "05_tiny_summary.csv"]
+    summary = pd.read_csv(tmp_path / "fig" / "05_tiny_summary.csv")
+    assert (summary["forgetting_lo"] <= summary["forgetting"]).all() and (summary["forgetting"] <= summary["forgetting_hi"]).all()
+    assert summary["trainable_params"].dtype.kind == "i"  # counts stay exact integers
     claims = pd.read_csv(tmp_path / "fig" / "05_tiny_claims.csv", keep_default_na=False)
-    assert list(claims["claim"]) == ["bottom"] and claims["holds_here"][0] in ("yes", "no")
+    assert list(claims["claim"]) == ["bottom", "init"]
+    assert claims["holds_here"][0] in ("yes", "no", "within noise") and claims["holds_here"][1] == "n/a"
+
+
+def test_a_sweep_picks_on_validation_and_reports_on_test(tmp_path):
+    results = run("tiny", seeds=1, jobs=1, experiments=("placement",), root=tmp_path / "runs", out=tmp_path / "fig",
+                  progress=False, sweep="lr=1e-3,1e-2",
+                  overrides=["train.steps=3", "train.eval_every=3", "train.eval_batches=1", "train.save_every=10"])
+    assert len(results) == 6 and set(results["part"]) == {"test"} and set(results["lr"]) == {1e-3, 1e-2}
+    summary = pd.read_csv(tmp_path / "fig" / "05_tiny_summary.csv").set_index("variant")
+    for variant, rows in results.groupby("variant"):
+        best = rows.sort_values("validation_domain_ppl").iloc[0]
+        assert summary.loc[variant, "lr"] == best["lr"] and summary.loc[variant, "swept"]
+        assert summary.loc[variant, "domain_ppl_end"] == pytest.approx(best["domain_ppl_end"], rel=1e-5)  # test half
     with pytest.raises(ValueError, match="unknown experiments"):
         run("tiny", experiments=("nope",))
     with pytest.raises(ValueError, match="rung='huge'"):
         run("huge")
+    with pytest.raises(ValueError, match="profile='tpu'"):
+        run("tiny", "tpu")

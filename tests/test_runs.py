@@ -3,6 +3,8 @@ that `deepen train` writes; a plan that changes the function (DUS) has its base 
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -10,7 +12,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from deepen.batches import heldout_blocks
 from deepen.config import load_config
 from deepen.loop import perplexity
-from deepen.runs import RunResult, find_runs
+from deepen.runs import RunResult, find_runs, within_noise
 from deepen.train import train
 
 
@@ -56,3 +58,35 @@ def test_a_run_grown_by_dus_records_the_base_it_was_grown_from(small_llama_path,
     assert d.base_general == pytest.approx(general, rel=1e-6) != pytest.approx(d.first["ppl_general"], rel=1e-3)
     assert p.base_general == p.first["ppl_general"] == pytest.approx(general, rel=1e-6)  # LLaMA Pro: the same function
     assert torch.isfinite(torch.tensor(d.forgetting)) and d.forgetting == pytest.approx(d.last["ppl_general"] / general)
+
+
+def test_intervals_and_within_noise_from_per_block_losses(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.normal(3.0, 0.5, 200)  # per-block losses of the base on 200 held-out blocks
+
+    def run(name, general_shift, domain_shift, noise):
+        general = base + general_shift + rng.normal(0, noise, 200)
+        domain = base + 1.0 - domain_shift + rng.normal(0, noise, 200)
+        write(tmp_path / name, [
+            {"step": 0, "tokens": 0, "ppl_general": float(np.exp(base.mean())), "ppl_domain": float(np.exp(base.mean() + 1))},
+            {"step": 1, "tokens": 64, "ppl_general": float(np.exp(general.mean())),
+             "ppl_domain": float(np.exp(domain.mean()))}])
+        (tmp_path / name / "evaluations.jsonl").write_text(
+            json.dumps({"step": 0, "general": base.tolist(), "domain": (base + 1).tolist()}) + "\n"
+            + json.dumps({"step": 1, "general": general.tolist(), "domain": domain.tolist()}) + "\n")
+        return RunResult.read(tmp_path / name)
+
+    a, b, c = run("a", 0.10, 0.5, 0.01), run("b", 0.101, 0.5, 0.01), run("c", 0.30, 0.5, 0.01)
+    summary = a.summary()
+    assert summary["forgetting"] == pytest.approx(np.exp(0.10), rel=0.01)
+    assert summary["forgetting_lo"] < summary["forgetting"] < summary["forgetting_hi"]
+    assert summary["gain_lo"] < summary["gain"] < summary["gain_hi"]
+    ratio, lo, hi = within_noise(a, b, "forgetting")
+    assert lo < 1 < hi  # 0.001 apart in log-perplexity with 0.01 noise per block: within noise
+    ratio, lo, hi = within_noise(c, a, "forgetting")
+    assert 1 < lo < ratio < hi and ratio == pytest.approx(np.exp(0.2), rel=0.01)  # c forgets more, clearly
+    ratio, lo, hi = within_noise(a, c, "gain")
+    assert lo < 1 < hi  # the same domain shift
+    validation, test = a.summary("validation"), a.summary("test")
+    assert validation["forgetting"] != test["forgetting"]
+    assert validation["general_ppl_end"] == pytest.approx(np.exp((base + 0.1)[:100].mean()), rel=0.01)

@@ -314,3 +314,37 @@ def test_two_processes_keep_the_global_batch(base, tmp_path):
     two = records(tmp_path / "two")
     assert [r["step"] for r in two] == [0, 1, 2, 3]
     assert [r["loss"] for r in two[1:]] == pytest.approx([r["loss"] for r in one[1:]], rel=1e-5)
+
+
+def test_how_new_blocks_start_and_whether_step_0_is_the_base(base, tmp_path):
+    """grow.init: plan (zeroed, LLaMA Pro) and masked (MSG: a full copy behind a mask at 0) are the base at step 0,
+    exactly; copy and random are not, and their base is measured before growing."""
+    first, last = {}, {}
+    for init in ("plan", "masked", "copy", "random"):
+        out = train(config(base, tmp_path / init, f"grow={{method: llama-pro, groups: 2, init: {init}}}",
+                           "grow.mask_ramp=0.5", "train.steps=2"), progress=False)
+        first[init], last[init] = records(out.parent)[0], records(out.parent)[-1]
+        assert LlamaForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
+    assert first["plan"]["ppl_general"] == first["plan"]["base_ppl_general"]
+    assert first["masked"]["ppl_general"] == first["masked"]["base_ppl_general"] == first["plan"]["ppl_general"]
+    for init in ("copy", "random"):
+        assert first[init]["base_ppl_general"] == first["plan"]["ppl_general"] != first[init]["ppl_general"]
+    assert last["masked"]["ppl_domain"] != last["plan"]["ppl_domain"]  # it learnt, from other weights
+    with pytest.raises(ValueError, match="grow.init='half' is not one of plan, copy, random, zeros, masked"):
+        config(base, tmp_path / "bad", "grow={method: llama-pro, groups: 2, init: half}")
+
+
+def test_branch_masks_fold_into_the_weights(base):
+    from deepen.grow import BranchMasks
+
+    model = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2), init="copy").eval()
+    plain = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2)).eval()
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    masks = BranchMasks(model, NEW)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)  # m = 0: exactly the zeroed copy, the base
+        masks.set(0.5)
+        half = model(ids).logits
+        masks.remove()
+        model.load_state_dict(masks.fold(model.state_dict()))
+        torch.testing.assert_close(model(ids).logits, half, rtol=1e-5, atol=1e-6)  # folded: the same function

@@ -44,3 +44,20 @@ def test_dus_moves_less_than_stacking_is_reported_not_assumed():
     base = tiny()
     a, b = compare(base, grow(base, dus(4, 1)), IDS), compare(base, grow(base, stack(4, 2)), IDS)
     assert a.kl > 0 and b.kl > 0  # both move; which moves more is a question for notebook 03
+
+
+def test_hidden_drift_is_zero_for_a_zeroed_expansion_and_grows_above_a_changed_block():
+    from deepen.verify import hidden_drift
+
+    torch.manual_seed(0)
+    base = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+    plan = llama_pro(4, groups=2)
+    grown = grow(base, plan)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    originals = [i for i, layer in enumerate(plan.layers) if not layer.new]
+    assert hidden_drift(base, grown, ids, originals) == [0.0] * 4  # the same stream after every original block
+    with torch.no_grad():
+        grown.model.layers[plan.new_layers[0]].mlp.down_proj.weight.normal_(0, 0.5)  # the first new block writes
+    drift = hidden_drift(base, grown, ids, originals)
+    assert drift[:2] == [0.0, 0.0] and drift[2] > 0 and drift[3] > 0  # frozen blocks above it read a changed input

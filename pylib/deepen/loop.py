@@ -83,19 +83,25 @@ def train_step(model, batch: torch.Tensor, optimizer, schedule=None, *, clip: fl
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean cross-entropy) of predicting blocks[:, 1:] from what comes before, every token weighing the same."""
+def block_losses(model, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(n_blocks,) float64: each block's mean cross-entropy of predicting blocks[:, 1:] from what comes before."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    out = []
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start:start + batch_size].to(device)  # (batch, seq)
         logits = model(input_ids=ids).logits[:, :-1].float()  # (batch, seq - 1, vocab)
-        total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
+        loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (batch, seq - 1)
+        out.append(loss.double().mean(1).cpu())
     model.train(was_training)
-    return math.exp(total / count)
+    return torch.cat(out)
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean cross-entropy) over the blocks' next tokens, every token weighing the same (blocks are of equal
+    length, so the mean of the blocks' means)."""
+    return math.exp(block_losses(model, blocks, batch_size).mean().item())
 
 
 def train_steps(model, blocks: torch.Tensor, config: TrainConfig | None = None, *, progress: bool = True,

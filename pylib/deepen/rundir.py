@@ -2,6 +2,7 @@
 
     config.yaml        the run's config (a rerun with another config is refused)
     metrics.jsonl      one record per step: loss, lr, tokens, tokens/s; held-out perplexities when evaluated
+    evaluations.jsonl  each evaluation's loss per held-out block (and the base's), for confidence intervals
     checkpoints/       step-N: the training state to resume from (only the last is kept)
     model/             the trained model (from_pretrained loads it), written at the end
 
@@ -26,16 +27,17 @@ from safetensors.torch import load_file, save_file
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+EVALUATIONS = "evaluations.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL = "model"
 STATE = "state.json"
 
 
-def read_metrics(folder: str | os.PathLike) -> list[dict]:
-    """The records of a run folder's metrics.jsonl, one per logged step (a partly written line of a run in
-    progress is skipped); those with "ppl_general" are the held-out evaluations."""
+def read_metrics(folder: str | os.PathLike, name: str = METRICS) -> list[dict]:
+    """The records of a run folder's metrics.jsonl (or evaluations.jsonl), one per logged step (a partly written
+    line of a run in progress is skipped); those with "ppl_general" are the held-out evaluations."""
     records = []
-    path = Path(folder, METRICS)
+    path = Path(folder, name)
     for line in (path.read_text().splitlines() if path.is_file() else []):
         try:
             records.append(json.loads(line))
@@ -45,13 +47,14 @@ def read_metrics(folder: str | os.PathLike) -> list[dict]:
 
 
 class MetricsLog:
-    """Appends records to a run's metrics.jsonl (on the main process only); opened at `start`, it keeps the
-    records up to that step (those a killed run logged past its last checkpoint are dropped: they are redone)."""
+    """Appends records to a run's metrics.jsonl (or another log, `name`; on the main process only); opened at
+    `start`, it keeps the records up to that step (those a killed run logged past its last checkpoint are dropped:
+    they are redone)."""
 
-    def __init__(self, folder: Path, start: int, main: bool = True):
-        self.path, self.main = Path(folder, METRICS), main
+    def __init__(self, folder: Path, start: int, main: bool = True, name: str = METRICS):
+        self.path, self.main = Path(folder, name), main
         if main:
-            kept = [r for r in read_metrics(folder) if start and r["step"] <= start]
+            kept = [r for r in read_metrics(folder, name) if start and r["step"] <= start]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def __call__(self, record: dict) -> None:

@@ -13,12 +13,38 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from deepen.rundir import CONFIG, FINAL, METRICS, read_metrics
+from deepen.rundir import CONFIG, EVALUATIONS, FINAL, METRICS, read_metrics
+
+BOOTSTRAP = 2000  # resamples of the held-out blocks for a 95% interval
+# Parts of the held-out blocks: a learning-rate sweep picks on the validation half and reports on the test half
+# (the blocks are the held-out documents packed in order, so the halves share at most the one straddling document).
+PARTS = ("all", "validation", "test")
+
+
+def part_of(n: int, part: str) -> slice:
+    if part not in PARTS:
+        raise ValueError(f"part={part!r} is not one of {', '.join(PARTS)}")
+    return {"all": slice(None), "validation": slice(0, n // 2), "test": slice(n // 2, n)}[part]
+
+
+def bootstrap(stat, *columns: np.ndarray, n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile interval of stat(*columns) over the blocks resampled with replacement — paired: every
+    column resampled at the same blocks (the same held-out text for every run of a rung)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(columns[0]), size=(n, len(columns[0])))
+    values = stat(*(c[idx] for c in columns))  # each column (n, blocks)
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _exp_mean_difference(a, b):
+    return np.exp(a.mean(-1) - b.mean(-1))
 
 
 @dataclass
@@ -26,6 +52,8 @@ class RunResult:
     folder: Path
     config: dict  # config.yaml as the run saved it
     records: list[dict]  # metrics.jsonl
+    evaluations: list[dict] = field(default_factory=list)  # evaluations.jsonl: per-block losses (None: not saved)
+    part: str = "all"  # the part of the held-out blocks its numbers are reported on by default (PARTS)
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> RunResult:
@@ -33,20 +61,73 @@ class RunResult:
         if not (folder / METRICS).is_file():
             raise FileNotFoundError(f"{folder} is not a run folder: it has no {METRICS} (written by `deepen train`)")
         config = folder / CONFIG
-        return cls(folder, (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}, read_metrics(folder))
+        return cls(folder, (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}, read_metrics(folder),
+                   read_metrics(folder, EVALUATIONS))
+
+    @classmethod
+    def pooled(cls, runs: list[RunResult], part: str = "all") -> RunResult:
+        """One result standing for several runs of one setting (its seeds): per-block losses averaged over the runs,
+        so its perplexities are their geometric mean; steps, tokens and config are the first run's."""
+        if not runs or any(not r.evaluations for r in runs):
+            raise ValueError("pooling needs runs with per-block losses (evaluations.jsonl)")
+
+        def mean(key: str, when: str) -> list[float]:
+            return np.mean([r.losses(key, when) for r in runs], axis=0).tolist()
+
+        keys = ("general", "domain")
+        evaluations = [{"step": 0, **{k: mean(k, "first") for k in keys}, **{f"base_{k}": mean(k, "base") for k in keys}},
+                       {"step": runs[0].evaluations[-1]["step"], **{k: mean(k, "last") for k in keys}}]
+        first = runs[0]
+        return cls(first.folder, first.config, first.records, evaluations, part)
 
     @property
-    def evaluations(self) -> list[dict]:
+    def evaluated(self) -> list[dict]:
         """The records with held-out perplexities: step 0, every eval_every steps, the end."""
         return [r for r in self.records if "ppl_general" in r]
 
     @property
     def first(self) -> dict:
-        return self.evaluations[0]
+        return self.evaluated[0]
 
     @property
     def last(self) -> dict:
-        return self.evaluations[-1]
+        return self.evaluated[-1]
+
+    def losses(self, key: str, when: str = "last") -> np.ndarray | None:
+        """Per-block held-out losses of corpus `key` ("general", "domain") at the base, the first or the last
+        evaluation; None for a run that did not save them."""
+        if not self.evaluations:
+            return None
+        if when == "base":
+            record = self.evaluations[0]
+            values = record.get(f"base_{key}", record.get(key))
+        else:
+            values = self.evaluations[0 if when == "first" else -1].get(key)
+        return None if values is None else np.asarray(values, dtype=np.float64)
+
+    def ppl(self, key: str, when: str = "last", part: str | None = None) -> float:
+        """Held-out perplexity of corpus `key` at `when` ("base", "first", "last") on `part` of the blocks."""
+        part = part or self.part
+        losses = self.losses(key, when)
+        if losses is None:
+            if part != "all":
+                raise ValueError(f"{self.folder} has no per-block losses ({EVALUATIONS}); only part='all'")
+            record = self.first if when != "last" else self.last
+            return record.get(f"base_ppl_{key}", record[f"ppl_{key}"]) if when == "base" else record[f"ppl_{key}"]
+        return math.exp(losses[part_of(len(losses), part)].mean())
+
+    def intervals(self, part: str | None = None) -> dict[str, tuple[float, float]]:
+        """95% bootstrap intervals over the held-out blocks of the end perplexities, forgetting and gain (paired with
+        the base's losses on the same blocks); {} for a run that did not save per-block losses."""
+        part = part or self.part
+        if self.losses("general") is None:
+            return {}
+        columns = {f"{key}_{when}": self.losses(key, when)[part_of(len(self.losses(key)), part)]
+                   for key in ("general", "domain") for when in ("base", "last")}
+        return {"general_ppl_end": bootstrap(lambda a: np.exp(a.mean(-1)), columns["general_last"]),
+                "domain_ppl_end": bootstrap(lambda a: np.exp(a.mean(-1)), columns["domain_last"]),
+                "forgetting": bootstrap(_exp_mean_difference, columns["general_last"], columns["general_base"]),
+                "gain": bootstrap(_exp_mean_difference, columns["domain_base"], columns["domain_last"])}
 
     @property
     def finished(self) -> bool:
@@ -104,13 +185,18 @@ class RunResult:
         tokens = {r["step"]: r["tokens"] for r in self.records}
         return sum((r["tokens"] - tokens.get(s - 1, 0)) / r["tokens_per_s"] for s, r in per_step.items())
 
-    def summary(self) -> dict:
-        """The numbers a table shows: base, start and end perplexities, forgetting and gain."""
-        return {"steps": self.steps, "tokens": self.tokens,
-                "general_ppl_base": self.base_general, "general_ppl_start": self.first["ppl_general"],
-                "general_ppl_end": self.last["ppl_general"], "domain_ppl_base": self.base_domain,
-                "domain_ppl_start": self.first["ppl_domain"], "domain_ppl_end": self.last["ppl_domain"],
-                "forgetting": self.forgetting, "gain": self.gain, "base_measured": self.base_measured}
+    def summary(self, part: str | None = None) -> dict:
+        """The numbers a table shows, on `part` of the held-out blocks: base, start and end perplexities,
+        forgetting and gain, and their 95% intervals (`_lo`, `_hi`) where per-block losses were saved."""
+        part = part or self.part
+        ppl = {f"{key}_ppl_{name}": self.ppl(key, when, part) for key in ("general", "domain")
+               for name, when in (("base", "base"), ("start", "first"), ("end", "last"))}
+        out = {"steps": self.steps, "tokens": self.tokens, **ppl,
+               "forgetting": ppl["general_ppl_end"] / ppl["general_ppl_base"],
+               "gain": ppl["domain_ppl_base"] / ppl["domain_ppl_end"], "base_measured": self.base_measured}
+        for name, (lo, hi) in self.intervals(part).items():
+            out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
+        return out
 
     def line(self) -> str:
         """One line for a terminal: perplexities from the base to the end, forgetting and gain."""
@@ -124,4 +210,18 @@ def find_runs(root: str | os.PathLike) -> list[RunResult]:
     """Every run folder under `root` (root itself included), in path order; folders with no records skipped."""
     root = Path(root)
     runs = [RunResult.read(path.parent) for path in sorted(root.rglob(METRICS))]
-    return [run for run in runs if run.evaluations]
+    return [run for run in runs if run.evaluated]
+
+
+def within_noise(a: RunResult, b: RunResult, metric: str, part: str | None = None) -> tuple[float, float, float]:
+    """(ratio, lo, hi): run a's `metric` ("forgetting" or "gain") over run b's, with the 95% interval of a paired
+    bootstrap over the held-out blocks both were scored on; an interval holding 1 means the two are within noise."""
+    key = {"forgetting": "general", "gain": "domain"}[metric]
+    cut = part_of(len(a.losses(key)), part or a.part)
+    columns = [r.losses(key, when)[cut] for r in (a, b) for when in ("last", "base")]
+    if metric == "gain":  # gain = base / end: the ratio of two gains flips each run's pair
+        columns = [columns[1], columns[0], columns[3], columns[2]]
+    stat = lambda a_num, a_den, b_num, b_den: np.exp(a_num.mean(-1) - a_den.mean(-1) - b_num.mean(-1)  # noqa: E731
+                                                     + b_den.mean(-1))
+    ratio = float(stat(*(c[None] for c in columns))[0])
+    return (ratio, *bootstrap(stat, *columns))

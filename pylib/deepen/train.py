@@ -12,7 +12,9 @@ batch stays the config's whatever the process count (gradient accumulation). Rer
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,11 +28,11 @@ from tqdm.auto import tqdm
 from deepen.batches import heldout_blocks, streams, training_batches
 from deepen.config import RECIPES, RunConfig, batch_layout, check, recipe
 from deepen.data import tiny_tokenizer
-from deepen.grow import grow
-from deepen.loop import NonFiniteLoss, optimizer_and_schedule, perplexity, train_step
+from deepen.grow import BranchMasks, grow, preserves_function
+from deepen.loop import NonFiniteLoss, block_losses, optimizer_and_schedule, train_step
 from deepen.manifest import Manifest, atomic_folder
 from deepen.models import resolve
-from deepen.rundir import CHECKPOINTS, CONFIG, FINAL, Checkpointer, MetricsLog
+from deepen.rundir import CHECKPOINTS, CONFIG, EVALUATIONS, FINAL, Checkpointer, MetricsLog
 from deepen.trainable import hold_frozen_in_bf16, select_trainable, trained_layers, widened_to_fp32
 
 # Keys a resumed run may change when asked to (train(allow_change=...), `deepen train --allow-change KEY`).
@@ -94,7 +96,9 @@ def build_model(config: RunConfig, path: str | None, before_growing=None):
         else:
             if before_growing is not None:
                 before_growing(model, plan)
-            model, manifest = grow(model, plan), Manifest(base=config.model, plan=plan)
+            init = config.grow.init
+            model = grow(model, plan, init="copy" if init == "masked" else init)
+            manifest = Manifest(base=config.model, plan=plan, extra={} if init == "plan" else {"init": init})
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -206,18 +210,20 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
                for key in ("general", "domain")}
 
     # --- the model, and what learns (before prepare: FSDP and ZeRO need requires_grad set)
-    base = None  # the base's held-out perplexities, for forgetting against the base; None: step 0's (the same)
+    base = None  # the base's held-out block losses, for forgetting against the base; None: step 0's (the same)
 
     def score_base(model, plan):
         nonlocal base
-        if not plan.function_preserving:
-            base = _base_scores(lambda: model, heldout, micro, accelerator)
+        if not preserves_function(plan, config.grow.init):
+            base = _base_losses(lambda: model, heldout, micro, accelerator)
 
     set_seed(t.seed)
     model, manifest = build_model(config, path, score_base)
     if config.grow is None and manifest is not None and manifest.trained is None \
             and not manifest.plan.function_preserving:  # grown on disk by a plan that changed the function
-        base = _base_scores(lambda: _load_base(manifest.base, progress), heldout, micro, accelerator, say)
+        base = _base_losses(lambda: _load_base(manifest.base, progress), heldout, micro, accelerator, say)
+    masks = BranchMasks(model, manifest.new_layers) if config.grow and config.grow.init == "masked" else None
+    ramp = max(1, round(config.grow.mask_ramp * t.steps)) if masks else 1  # steps until the mask is 1
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {config.method} left no parameter to train; check also_train and lora.targets")
@@ -239,10 +245,13 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     log = MetricsLog(out, start, accelerator.is_main_process)
+    log_losses = MetricsLog(out, start, accelerator.is_main_process, EVALUATIONS)  # per block: for intervals
     accelerator.wait_for_everyone()
     if start == 0:
-        scores = _evaluate(model, heldout, micro, accelerator)
-        log({"step": 0, "tokens": 0, **scores, **({f"base_{k}": v for k, v in scores.items()} if base is None else base)})
+        losses = _evaluate(model, heldout, micro, accelerator)
+        base = losses if base is None else base
+        log({"step": 0, "tokens": 0, **_ppl(losses), **_ppl(base, "base_")})
+        log_losses({"step": 0, **_listed(losses), **_listed(base, "base_")})
     elif changes:
         log({"step": start, "changed_on_resume": {k: list(v) for k, v in changes.items()}})
 
@@ -257,6 +266,8 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         began = time.perf_counter()
         ids = next(stream)[rank * per_process:(rank + 1) * per_process].to(accelerator.device)  # (per_process, seq)
         lr = schedule.get_last_lr()[0]
+        if masks:
+            masks.set(step / ramp)
         try:
             loss = train_step(model, ids, optimizer, schedule, clip=t.clip, micro_batch=micro, accelerator=accelerator)
         except NonFiniteLoss as e:
@@ -264,7 +275,9 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         record = {"step": step, "loss": loss, "lr": lr, "tokens": step * tokens_per_step,
                   "tokens_per_s": tokens_per_step / (time.perf_counter() - began), **source.position()}
         if step % t.eval_every == 0 or step == t.steps:
-            record.update(_evaluate(model, heldout, micro, accelerator))  # puts the model back in training mode
+            losses = _evaluate(model, heldout, micro, accelerator)  # puts the model back in training mode
+            record.update(_ppl(losses))
+            log_losses({"step": step, **_listed(losses)})
         log(record)
         if step % t.save_every == 0 and step < t.steps:
             checkpoints.save(step, {"tokens": step * tokens_per_step, **source.position()})
@@ -272,7 +285,7 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         if callback is not None:
             callback(record, model)
 
-    _save_model(out, config, accelerator, model, tokenizer, manifest, frozen_in_bf16)
+    _save_model(out, config, accelerator, model, tokenizer, manifest, frozen_in_bf16, masks)
     return out / FINAL
 
 
@@ -285,21 +298,30 @@ def _data(key: str, d, read):
         raise type(e)(f"data.{key}={corpus!r}: {e}") from None
 
 
-def _evaluate(model, heldout: dict, batch_size: int, accelerator) -> dict:
-    """Held-out perplexity per corpus ({"ppl_general", "ppl_domain"}); a corpus named twice is scored once."""
-    scores, seen = {}, {}
+def _evaluate(model, heldout: dict, batch_size: int, accelerator) -> dict[str, torch.Tensor]:
+    """Each held-out corpus's per-block losses, {"general": (n,), "domain": (n,)}; a corpus named twice is scored
+    once."""
+    losses, seen = {}, {}
     with accelerator.autocast():
         for key, blocks in heldout.items():
             if id(blocks) not in seen:
-                seen[id(blocks)] = perplexity(model, blocks, batch_size)
-            scores[f"ppl_{key}"] = seen[id(blocks)]
-    return scores
+                seen[id(blocks)] = block_losses(model, blocks, batch_size)
+            losses[key] = seen[id(blocks)]
+    return losses
 
 
-def _base_scores(load, heldout: dict, batch_size: int, accelerator, say=print) -> dict:
-    """{"base_ppl_general", "base_ppl_domain"} of the model load() gives (the base, not yet prepared), scored on
-    the main process's device (the others wait); {} when the base cannot be loaded."""
-    scores = {}
+def _ppl(losses: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}ppl_{key}": math.exp(value.mean().item()) for key, value in losses.items()}
+
+
+def _listed(losses: dict[str, torch.Tensor], prefix: str = "") -> dict[str, list[float]]:
+    return {f"{prefix}{key}": value.tolist() for key, value in losses.items()}
+
+
+def _base_losses(load, heldout: dict, batch_size: int, accelerator, say=print) -> dict | None:
+    """The held-out block losses of the model load() gives (the base, not yet prepared), scored on the main
+    process's device (the others wait); {} when the base cannot be loaded (then nothing is recorded for it)."""
+    losses = {}
     if accelerator.is_main_process:
         try:
             model = load()
@@ -307,11 +329,10 @@ def _base_scores(load, heldout: dict, batch_size: int, accelerator, say=print) -
             say(f"the base could not be loaded to measure it ({e}); forgetting and gain will be against step 0")
         else:
             where = next(model.parameters()).device
-            scores = {f"base_{k}": v for k, v in _evaluate(model.to(accelerator.device), heldout, batch_size,
-                                                           accelerator).items()}
+            losses = _evaluate(model.to(accelerator.device), heldout, batch_size, accelerator)
             model.to(where)
     accelerator.wait_for_everyone()
-    return scores
+    return losses
 
 
 def _load_base(name: str, progress: bool):
@@ -331,17 +352,18 @@ def _nan_advice(error: NonFiniteLoss, step: int, kept: Path | None, t) -> str:
 
 
 def _save_model(out: Path, config: RunConfig, accelerator, model, tokenizer, manifest: Manifest | None,
-                frozen_in_bf16: bool) -> None:
+                frozen_in_bf16: bool, masks: BranchMasks | None = None) -> None:
     """out/model: the trained model in fp32 with its tokenizer (and manifest, marked trained); checkpoints removed."""
-    import shutil
-
     model.eval()
     state = accelerator.get_state_dict(model)  # every process takes part: FSDP and ZeRO-3 gather the shards
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if config.method == "lora":
             final, state = final.merge_and_unload(), None  # a plain model: the adapters added into the base weights
-        elif frozen_in_bf16:
+        if masks is not None:  # the branch mask multiplied into its weights: the same function, no mask
+            masks.remove()
+            state = masks.fold(state if state is not None else final.state_dict())
+        if frozen_in_bf16:
             # saved in fp32, like every other run: the trained weights as their fp32 masters, the frozen ones
             # widened exactly from the bf16 they were held (and computed) in; so nothing is lost, the file has
             # one dtype, and config.json says float32 (from_pretrained's dtype="auto" loads it as such)

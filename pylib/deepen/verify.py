@@ -131,3 +131,30 @@ def verify(base_path: str | os.PathLike, grown_path: str | os.PathLike, dtype: s
     grown = AutoModelForCausalLM.from_pretrained(grown_path, dtype=torch_dtype)
     input_ids, prompt_ids = sample_inputs([grown_path, base_path], base.config.vocab_size, text)
     return compare(base, grown, input_ids, prompt_ids, max_new_tokens)
+
+
+@torch.no_grad()
+def hidden_drift(base, model, input_ids: torch.Tensor, positions: list[int] | None = None) -> list[float]:
+    """How far the residual stream moved, layer by layer: for each layer j of `base`, ||h' - h|| / ||h|| over every
+    token, where h is the base's hidden state after layer j and h' the other model's after its layer positions[j]
+    (default j: the same depth; for a grown model, where base layer j sits: the plan's layers that are not new).
+
+    Why a model whose original blocks are frozen still forgets: its new blocks write into this stream, and every
+    frozen block above them reads a changed input."""
+    def outputs(m) -> list[torch.Tensor]:
+        seen = []
+        hooks = [layer.register_forward_hook(lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple)
+                                                                                 else out))
+                 for layer in m.model.layers]
+        try:
+            m.eval()(input_ids=input_ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [h.double() for h in seen]
+
+    h, h2 = outputs(base), outputs(model)
+    positions = list(range(len(h))) if positions is None else positions
+    if len(positions) != len(h):
+        raise ValueError(f"positions names {len(positions)} layers; the base has {len(h)}")
+    return [((h2[p] - h[j]).norm() / h[j].norm()).item() for j, p in enumerate(positions)]
