@@ -9,7 +9,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "pylib" / "deepen"
 # The order of the README's module table: a module may import only modules before it.
 ORDER = ["llama", "plan", "manifest", "models", "grow", "checkpoint", "verify", "merge", "config", "data", "batches",
-         "trainable", "loop", "rundir", "train", "sft", "dpo", "evaluate", "runs", "budget", "profile", "plots",
+         "instruct", "objectives",
+         "trainable", "loop", "rundir", "train", "evaluate", "runs", "dpo", "budget", "profile", "plots",
          "checks", "grade", "widgets", "reproduce", "demo", "handout", "cli", "__main__"]
 
 

@@ -78,6 +78,10 @@ class InMemoryBatches:
     def position(self) -> dict:
         return {}
 
+    @staticmethod
+    def tokens(batch: torch.Tensor) -> int:
+        return batch.numel()
+
 
 class StreamedBatches:
     """Global batches of a corpus streamed as it is read (`deepen.data.stream_blocks`): bounded memory, shuffled
@@ -106,6 +110,10 @@ class StreamedBatches:
 
     def position(self) -> dict:
         return {"data_passes": self.passes}  # passes over the corpus read to their end so far
+
+    @staticmethod
+    def tokens(batch: torch.Tensor) -> int:
+        return batch.numel()
 
 
 def training_batches(data, train, tokenizer, say=print):

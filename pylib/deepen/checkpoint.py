@@ -168,10 +168,10 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
 
 def read_hf_config(src: str | os.PathLike) -> dict:
     """The config.json of a model folder or hub id, as a dict (e.g. to build a plan for its num_hidden_layers)."""
-    return _read_config(resolve_source(src))
+    return read_folder_config(resolve_source(src))
 
 
-def _read_config(folder: Path) -> dict:
+def read_folder_config(folder: Path) -> dict:
     path = folder / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {folder} is not a Hugging Face model folder (it needs "
@@ -414,7 +414,41 @@ def shard(tensors: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
     return [sorted(s, key=lambda t: -DTYPE_SIZES.get(t.dtype, 1)) for s in shards]
 
 
-def _copy_small_files(src: Path, dst: Path) -> list[str]:
+def write_shards(folder: Path, tensors: list[TensorInfo], write, max_bytes: int) -> list[str]:
+    """Write `tensors` into `folder` as safetensors shards of at most max_bytes (one model.safetensors when it
+    fits, else model-0000k-of-0000n.safetensors and their index): the headers here, each tensor's bytes by
+    write(tensor, fd), which appends exactly tensor.nbytes bytes (or skips them: zeros in a sparse file).
+    Returns the shard file names."""
+    shards = shard(tensors, max_bytes)
+    names = ([SAFE_SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, part in zip(names, shards):
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            header = _header_bytes([(t.name, t.dtype, t.shape, t.nbytes) for t in part])
+            _write_all(fd, header)
+            for t in part:
+                write(t, fd)
+            os.ftruncate(fd, len(header) + sum(t.nbytes for t in part))
+        finally:
+            os.close(fd)
+    if len(shards) > 1:
+        index = {"metadata": {"total_parameters": sum(t.numel for t in tensors),
+                              "total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.name: name for name, part in zip(names, shards) for t in part}}
+        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a safetensors checkpoint folder, from its headers alone (pickle weights refused)."""
+    files, weight_map = _safetensors_files(folder)
+    if not files:
+        raise FileNotFoundError(f"{folder} has no safetensors weights (*.safetensors or {SAFE_INDEX})")
+    return read_tensors(files, weight_map)
+
+
+def copy_small_files(src: Path, dst: Path) -> list[str]:
     """Tokenizer files, generation_config.json, chat templates, README...: every top-level file but the
     weights, the config (rewritten) and hidden files."""
     copied = []
@@ -458,7 +492,7 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, plan: Plan | Callable
                          f"({src}): growing a model into its own folder would replace the base; choose another OUT")
     with atomic_folder(out, overwrite=overwrite) as tmp:
         folder = resolve_source(src, allow_pickle)
-        config = _read_config(folder)
+        config = read_folder_config(folder)
         n_layers = config.get("num_hidden_layers")
         if callable(plan) and not isinstance(plan, Plan):
             plan = plan(n_layers)
@@ -492,38 +526,25 @@ def expand(src: str | os.PathLike, out: str | os.PathLike, plan: Plan | Callable
 
         tensors = read_tensors(files, weight_map)
         grown = expanded_tensors(tensors, plan)
-        shards = shard(grown, max_bytes)
         total = sum(t.nbytes for t in grown)
-        names = ([SAFE_SINGLE] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"expand -> {out.name}",
                    disable=not progress)
         copier = _Copier(bar)
+
+        def write(t: TensorInfo, fd: int) -> None:
+            if t.file is None:
+                copier.skip_zeros(t.nbytes, fd)
+            else:
+                copier.copy(t.file, t.offset, t.nbytes, fd)
+
         try:
-            for name, tensors_ in zip(names, shards):
-                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    header = _header_bytes([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors_])
-                    _write_all(fd, header)
-                    for t in tensors_:
-                        if t.file is None:
-                            copier.skip_zeros(t.nbytes, fd)
-                        else:
-                            copier.copy(t.file, t.offset, t.nbytes, fd)
-                    os.ftruncate(fd, len(header) + sum(t.nbytes for t in tensors_))
-                finally:
-                    os.close(fd)
+            names = write_shards(tmp, grown, write, max_bytes)
         finally:
             copier.close()
             bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_parameters": sum(t.numel for t in grown), "total_size": total},
-                     "weight_map": {t.name: name for name, s in zip(names, shards) for t in s}}
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         shutil.rmtree(scratch, ignore_errors=True)
 
-        copied = _copy_small_files(folder, tmp)
+        copied = copy_small_files(folder, tmp)
         (tmp / CONFIG).write_text(json.dumps(new_config, indent=2) + "\n")
         resolved = {} if Path(src) == folder else {"resolved": str(folder)}  # a hub id: where it was read from
         Manifest(base=str(src), plan=plan, extra={**resolved, "source_files": source_files, "source_format": fmt,

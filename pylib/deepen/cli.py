@@ -1,4 +1,5 @@
-"""`deepen plan | expand | verify | train | eval | budget | reproduce | grade | demo` — thin wrappers over the library."""
+"""`deepen plan | expand | verify | train | sft | dpo | merge | eval | budget | reproduce | grade | demo` — thin
+wrappers over the library."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from deepen import plan as plans
 from deepen.checkpoint import expand, read_hf_config
 from deepen.config import TRAIN_METHODS, load_config
 from deepen.demo import run as run_demo
+from deepen.dpo import run_dpo
 from deepen.evaluate import benchmarks, evaluate, headline
 from deepen.manifest import Manifest, Terminated, terminate_as_exception
+from deepen.merge import METHODS as MERGE_METHODS
+from deepen.merge import merge
 from deepen.models import require_model, resolve
 from deepen.runs import RunResult
 from deepen.train import model_folder, train
@@ -76,14 +80,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"method={args.method}"] if args.method else [])
-    out = train(load_config(args.config, overrides), allow_change=args.allow_change)
+    """deepen train, sft and dpo: one run of a config (sft, dpo: with that objective)."""
+    objective = {"train": [], "sft": ["objective=sft"], "dpo": ["objective=dpo"]}[args.command]
+    config = load_config(args.config, list(args.overrides) + objective + ([f"method={args.method}"] if args.method
+                                                                         else []))
+    if args.command == "dpo":
+        out = run_dpo(config, args.stages)
+    else:
+        out = train(config, allow_change=args.allow_change)
     if not PartialState().is_main_process:
         return 0  # under torchrun / accelerate launch: one report
     run = RunResult.read(out.parent)
     if run.evaluated:
         print(run.line())
+        scores = {k: run.last[k] for k in ("accuracy", "preference_accuracy", "reward_margin") if k in run.last}
+        if scores:
+            print("held-out " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in scores.items()))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    out = merge(args.a, args.b, args.out, args.method, args.t, max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite)
+    print(f"wrote {out} ({args.method}, t={args.t:g}: {1 - args.t:g} of A, {args.t:g} of B)")
     return 0
 
 
@@ -170,6 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when resuming, allow this config key to differ from the saved run's (repeatable): "
                         "train.lr (e.g. after a nan loss), train.clip, train.eval_every, train.save_every")
     p.set_defaults(func=cmd_train)
+
+    for name, help_ in (("sft", "instruction tuning after growth: loss on the response tokens only (e.g. "
+                                "configs/tiny-sft.yaml; --method full tunes every block, as LLaMA Pro-Instruct)"),
+                        ("dpo", "DPO on preference pairs; sDPO with --stages K (each stage's reference is the stage "
+                                "before's result)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", required=True, help=f"run config (YAML), e.g. configs/tiny-{name}.yaml")
+        p.add_argument("--method", choices=TRAIN_METHODS, help="override the config's method")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model=runs/x/model")
+        p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                       help="when resuming, allow this config key to differ from the saved run's (as for train)")
+        if name == "dpo":
+            p.add_argument("--stages", type=int, help="sDPO: split the pairs into this many chunks, one stage each "
+                                                      "(default: the config's dpo.stages, 1: plain DPO)")
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge two models of the same shape, tensor by tensor: average or SLERP")
+    p.add_argument("a", help="model folder or hub id (t=0)")
+    p.add_argument("b", help="model folder or hub id (t=1)")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--method", default="average", choices=MERGE_METHODS, help="average (default) or slerp")
+    p.add_argument("--t", type=float, default=0.5, help="how much of B, from 0 (A) to 1 (B) (default 0.5)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="held-out perplexity of a model per corpus (general: forgetting, domain: gain), "
                                      "and lm-evaluation-harness benchmarks (--tasks)")

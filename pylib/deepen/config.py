@@ -31,6 +31,9 @@ from deepen.llama import Config as Architecture
 from deepen.models import cache_dir
 
 TRAIN_METHODS = ("llama-pro", "full", "lora", "blocks")
+# What a run learns: lm (continual pretraining, next token on packed text), sft (instruction tuning: the response
+# tokens of instruction examples), dpo (preference pairs; sDPO with dpo.stages > 1).
+OBJECTIVES = ("lm", "sft", "dpo")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -63,6 +66,8 @@ class DataConfig:
     # stream the corpora (bounded memory; a resumed run re-reads the stream up to its position) instead of packing
     # them in memory; None: stream hub datasets (and mixtures with one), keep built-ins and local files in memory
     streaming: bool | None = None
+    template: str = "alpaca"  # sft/dpo: the chat template, alpaca (SOLAR's) or model (the tokenizer's own)
+    max_examples: int | None = None  # sft/dpo: training examples read (None: as many as the steps need)
 
 
 @dataclass
@@ -92,16 +97,25 @@ class LoraConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1  # the strength of the pull towards the reference: r(y) = beta (log pi(y|x) - log pi_ref(y|x))
+    stages: int = 1  # sDPO: the pairs split into this many chunks, trained one after another; each stage's
+    stage: int = 0  # reference the stage before's result (deepen dpo --stages K runs them; stage: which chunk)
+
+
+@dataclass
 class RunConfig:
     model: str | None = "tiny-base"
     architecture: Architecture | None = None  # pretraining from scratch: a new model of this shape (model: null)
     method: str = "llama-pro"
+    objective: str = "lm"  # lm | sft | dpo (OBJECTIVES)
     grow: GrowConfig | None = None
     also_train: list[str] = field(default_factory=list)  # llama-pro: extra parameter name parts, e.g. [embed_tokens, norm]
     blocks: list[int] = field(default_factory=list)  # method blocks: the decoder layers that learn, e.g. [3, 7]
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     out: str = "runs/run"
 
     def to_dict(self) -> dict:
@@ -171,6 +185,13 @@ def check(config: RunConfig) -> RunConfig:
     t = config.train
     if config.method not in TRAIN_METHODS:
         raise ValueError(f"method={config.method!r} is not one of {', '.join(TRAIN_METHODS)}")
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"objective={config.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if config.data.template not in ("alpaca", "model"):
+        raise ValueError(f"data.template={config.data.template!r} is not one of alpaca, model")
+    if config.dpo.stages < 1 or not 0 <= config.dpo.stage < config.dpo.stages or not config.dpo.beta > 0:
+        raise ValueError(f"need dpo.beta > 0, dpo.stages >= 1 and 0 <= dpo.stage < dpo.stages; got beta="
+                         f"{config.dpo.beta}, stages={config.dpo.stages}, stage={config.dpo.stage}")
     if (config.model is None) == (config.architecture is None):
         raise ValueError("a run starts from a model (model: a folder, hub id, smollm2 or tiny-base) or trains one "
                          "from scratch (architecture: a deepen.llama.Config, with model: null); give exactly one")

@@ -207,16 +207,20 @@ _CODE_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib
 _CODE_MAX_FILE_BYTES = 100_000  # a few huge files (_pydecimal, tkinter) would dominate; ~8 MB remain
 
 
-def _code() -> tuple[list[str], list[str]]:
+def stdlib_sources() -> Iterator[tuple[str, str]]:
+    """(path relative to the standard library, source) of its Python files, tests, vendored code and huge files
+    left out, in a stable order: the built-in code corpus."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    ids, texts = [], []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if _CODE_SKIP & set(rel.parts[:-1]) or path.stat().st_size > _CODE_MAX_FILE_BYTES:
             continue
-        ids.append(rel.as_posix())
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
-    return ids, texts
+        yield rel.as_posix(), path.read_text(encoding="utf-8", errors="replace")
+
+
+def _code() -> tuple[list[str], list[str]]:
+    files = list(stdlib_sources())
+    return [name for name, _ in files], [text for _, text in files]
 
 
 # ---------------------------------------------------------------- math: generated problems
@@ -334,7 +338,7 @@ def _load_local(files: list[str], text_column: str) -> tuple[list[str], list[str
 def _load_hub(name: str, text_column: str, max_documents: int) -> tuple[list[str], list[str]]:
     repo, _, config = name.partition(":")
     if datasets.config.HF_HUB_OFFLINE:
-        raise _hub_offline_error(name)
+        raise hub_offline_error(name)
     stream = datasets.load_dataset(repo, config or None, split="train", streaming=True)
     texts = []
     for row in stream:
@@ -512,7 +516,7 @@ def is_hub_name(name: str) -> bool:
             and not name.startswith("."))
 
 
-def _hub_offline_error(name: str) -> RuntimeError:
+def hub_offline_error(name: str) -> RuntimeError:
     return RuntimeError(
         f"{name!r} is not a built-in ({', '.join(BUILTINS)}) nor a local file, folder or glob, so it would be "
         "a hub dataset, and the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE=1). "
@@ -535,7 +539,7 @@ def _streamed_rows(name: str, split: str, text_column: str, heldout_fraction: fl
         return rows, "text", True
     if "/" in name and not Path(name).is_absolute() and not name.startswith("."):
         if datasets.config.HF_HUB_OFFLINE:
-            raise _hub_offline_error(name)
+            raise hub_offline_error(name)
         repo, _, config = name.partition(":")
         return datasets.load_dataset(repo, config or None, split="train", streaming=True), text_column, True
     raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "

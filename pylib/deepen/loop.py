@@ -38,40 +38,47 @@ def optimizer_and_schedule(params: list, train: TrainConfig):
     return optimizer, schedule
 
 
-def train_step(model, batch: torch.Tensor, optimizer, schedule=None, *, clip: float | None = 1.0,
-               micro_batch: int | None = None, accelerator=None, autocast: bool = False) -> float:
-    """One optimizer step of next-token prediction on `batch` (rows, seq); returns its mean loss.
+def _next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss  # labels shift inside: predict ids[:, 1:]
 
-    Forward and backward per micro-batch of at most `micro_batch` rows (the largest size that divides the batch;
-    all rows at once when None); the gradients add up, each micro-batch's loss weighted 1/count, so the step is
-    the whole batch's mean. Then the gradient norm
-    clipped to `clip` (None: not clipped), the optimizer and the schedule stepped, the gradients cleared.
-    A nan/inf loss raises NonFiniteLoss before any weight changes.
+
+def train_step(model, batch, optimizer, schedule=None, *, clip: float | None = 1.0, micro_batch: int | None = None,
+               accelerator=None, autocast: bool = False, loss=None) -> float:
+    """One optimizer step on `batch`; returns its mean loss.
+
+    batch: (rows, seq) token ids for next-token prediction, or rows of any kind (a list) that `loss(model,
+    micro)` turns into a loss (instruction tuning, DPO: deepen.objectives). Forward and backward per micro-batch
+    of at most `micro_batch` rows (the largest size that divides the batch; all rows at once when None); the
+    gradients add up, each micro-batch's loss weighted 1/count, so the step is the whole batch's mean. Then the
+    gradient norm clipped to `clip` (None: not clipped), the optimizer and the schedule stepped, the gradients
+    cleared. A nan/inf loss raises NonFiniteLoss before any weight changes.
     accelerator: a run on accelerate (one process, DDP or FSDP2): its accumulate, backward (which divides by the
     accumulation steps: one per micro-batch), clip and the loss averaged over processes; its prepared model
     runs under its own autocast. autocast: bf16 autocast for a plain model (no accelerator)."""
-    micros = batch.split(batch_layout(len(batch), micro_batch or len(batch), 1)[1])  # (micro, seq) each
+    loss = loss or _next_token_loss
+    size = batch_layout(len(batch), micro_batch or len(batch), 1)[1]
+    micros = [batch[i:i + size] for i in range(0, len(batch), size)]  # (micro, seq) each, or lists of rows
     if accelerator is not None and len(micros) != accelerator.gradient_accumulation_steps:
         raise ValueError(f"{len(micros)} micro-batches per step, but the accelerator accumulates "
                          f"{accelerator.gradient_accumulation_steps}")
-    device = batch.device
-    loss = torch.zeros((), device=device)
+    total = 0.0
     for micro in micros:
         if accelerator is None:
+            device = next(model.parameters()).device
             with torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext():
-                micro_loss = model(input_ids=micro, labels=micro).loss  # labels shift inside: predict micro[:, 1:]
+                micro_loss = loss(model, micro)
             (micro_loss / len(micros)).backward()
         else:
             with accelerator.accumulate(model):
-                micro_loss = model(input_ids=micro, labels=micro).loss
+                micro_loss = loss(model, micro)
                 accelerator.backward(micro_loss)
-        loss += micro_loss.detach() / len(micros)
+        total = total + micro_loss.detach() / len(micros)
     if accelerator is not None:
-        loss = accelerator.reduce(loss, "mean")
-    loss = loss.item()
-    if not math.isfinite(loss):
+        total = accelerator.reduce(total, "mean")
+    total = total.item()
+    if not math.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"loss is {loss}")
+        raise NonFiniteLoss(f"loss is {total}")
     if clip is not None:
         params = [p for p in model.parameters() if p.requires_grad]  # under FSDP2: the sharded parameters
         (accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_)(params, clip)
@@ -79,7 +86,7 @@ def train_step(model, batch: torch.Tensor, optimizer, schedule=None, *, clip: fl
     if schedule is not None:
         schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return total
 
 
 @torch.no_grad()

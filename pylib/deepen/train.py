@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,9 +30,11 @@ from deepen.batches import heldout_blocks, streams, training_batches
 from deepen.config import RECIPES, RunConfig, batch_layout, check, recipe
 from deepen.data import tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
+from deepen.instruct import ExampleBatches, encoded, load_examples
 from deepen.loop import NonFiniteLoss, block_losses, optimizer_and_schedule, train_step
 from deepen.manifest import Manifest, atomic_folder
 from deepen.models import resolve
+from deepen.objectives import DPO, InstructionTuning, answer_accuracy, preference_scores, reference_logps, response_losses
 from deepen.rundir import CHECKPOINTS, CONFIG, EVALUATIONS, FINAL, Checkpointer, MetricsLog
 from deepen.trainable import hold_frozen_in_bf16, select_trainable, trained_layers, widened_to_fp32
 
@@ -203,11 +206,20 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as e:
             raise ValueError(f"model={config.model!r}: {e}") from None
-    source = _data("domain", d, lambda corpus: training_batches(d, t, tokenizer, say))
     n_eval = t.eval_batches * t.global_batch  # the same held-out blocks whatever the micro-batch
-    heldout = {key: _data(key, d, lambda corpus: heldout_blocks(corpus, tokenizer, d.seq_len, n_eval,
-                                                                text_column=d.text_column, streaming=streams(d, corpus)))
-               for key in ("general", "domain")}
+    general = _data("general", d, lambda corpus: heldout_blocks(corpus, tokenizer, d.seq_len, n_eval,
+                                                               text_column=d.text_column, streaming=streams(d, corpus)))
+    if config.objective == "lm":
+        source = _data("domain", d, lambda corpus: training_batches(d, t, tokenizer, say))
+        domain = general if d.domain == d.general else _data(
+            "domain", d, lambda corpus: heldout_blocks(corpus, tokenizer, d.seq_len, n_eval, text_column=d.text_column,
+                                                       streaming=streams(d, corpus)))
+        heldout = Heldout(general, domain, "lm")
+    else:
+        source, heldout = _data("domain", d, lambda corpus: _examples(config, tokenizer, general))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    objective = {"lm": None, "sft": InstructionTuning(pad_id, accelerator.device),
+                 "dpo": DPO(config.dpo.beta, pad_id, accelerator.device)}[config.objective]
 
     # --- the model, and what learns (before prepare: FSDP and ZeRO need requires_grad set)
     base = None  # the base's held-out block losses, for forgetting against the base; None: step 0's (the same)
@@ -236,6 +248,9 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     # --- optimizer, schedule, and where the run stands
     optimizer, schedule = optimizer_and_schedule(params, t)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if config.objective == "dpo":  # the reference: this model as it starts, before it learns (before a resume)
+        source.rows = reference_logps(model, source.rows, pad_id, accelerator.device, micro)
+        heldout.pairs = reference_logps(model, heldout.pairs, pad_id, accelerator.device, micro)
     checkpoints = Checkpointer(out / CHECKPOINTS, accelerator, model, optimizer, schedule)
     resumed = checkpoints.load()
     start = resumed["step"] if resumed else 0
@@ -248,9 +263,9 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     log_losses = MetricsLog(out, start, accelerator.is_main_process, EVALUATIONS)  # per block: for intervals
     accelerator.wait_for_everyone()
     if start == 0:
-        losses = _evaluate(model, heldout, micro, accelerator)
+        losses, scores = _evaluate(model, heldout, micro, accelerator, tokenizer, config)
         base = losses if base is None else base
-        log({"step": 0, "tokens": 0, **_ppl(losses), **_ppl(base, "base_")})
+        log({"step": 0, "tokens": 0, **_ppl(losses), **scores, **_ppl(base, "base_")})
         log_losses({"step": 0, **_listed(losses), **_listed(base, "base_")})
     elif changes:
         log({"step": start, "changed_on_resume": {k: list(v) for k, v in changes.items()}})
@@ -258,29 +273,34 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     # --- the loop
     rank = accelerator.process_index
     stream = source.global_batches(start)  # the same global batches on every process, from the checkpoint's position
-    tokens_per_step = t.global_batch * d.seq_len
+    tokens = resumed["tokens"] if resumed else 0  # trained on so far (sft and dpo: the examples' real lengths)
     model.train()
     bar = tqdm(range(start + 1, t.steps + 1), initial=start, total=t.steps, desc=f"train {config.method}",
                disable=not progress or not accelerator.is_main_process)
     for step in bar:
         began = time.perf_counter()
-        ids = next(stream)[rank * per_process:(rank + 1) * per_process].to(accelerator.device)  # (per_process, seq)
+        batch = next(stream)  # the global batch: (global_batch, seq) token ids, or example rows
+        step_tokens = source.tokens(batch)
+        tokens += step_tokens
+        ids = batch[rank * per_process:(rank + 1) * per_process]  # this process's share
+        ids = ids.to(accelerator.device) if objective is None else ids
         lr = schedule.get_last_lr()[0]
         if masks:
             masks.set(step / ramp)
         try:
-            loss = train_step(model, ids, optimizer, schedule, clip=t.clip, micro_batch=micro, accelerator=accelerator)
+            loss = train_step(model, ids, optimizer, schedule, clip=t.clip, micro_batch=micro, accelerator=accelerator,
+                              loss=objective.loss if objective else None)
         except NonFiniteLoss as e:
             raise FloatingPointError(_nan_advice(e, step, checkpoints.last(), t)) from None
-        record = {"step": step, "loss": loss, "lr": lr, "tokens": step * tokens_per_step,
-                  "tokens_per_s": tokens_per_step / (time.perf_counter() - began), **source.position()}
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens,
+                  "tokens_per_s": step_tokens / (time.perf_counter() - began), **source.position()}
         if step % t.eval_every == 0 or step == t.steps:
-            losses = _evaluate(model, heldout, micro, accelerator)  # puts the model back in training mode
-            record.update(_ppl(losses))
+            losses, scores = _evaluate(model, heldout, micro, accelerator, tokenizer, config)  # back to training mode
+            record.update({**_ppl(losses), **scores})
             log_losses({"step": step, **_listed(losses)})
         log(record)
         if step % t.save_every == 0 and step < t.steps:
-            checkpoints.save(step, {"tokens": step * tokens_per_step, **source.position()})
+            checkpoints.save(step, {"tokens": tokens, **source.position()})
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if callback is not None:
             callback(record, model)
@@ -298,16 +318,62 @@ def _data(key: str, d, read):
         raise type(e)(f"data.{key}={corpus!r}: {e}") from None
 
 
-def _evaluate(model, heldout: dict, batch_size: int, accelerator) -> dict[str, torch.Tensor]:
-    """Each held-out corpus's per-block losses, {"general": (n,), "domain": (n,)}; a corpus named twice is scored
-    once."""
-    losses, seen = {}, {}
+@dataclass
+class Heldout:
+    """What a run is scored on: general text (forgetting: packed blocks) and its domain (gain: packed blocks for
+    lm; held-out instruction examples, or the chosen responses of held-out pairs, for sft and dpo)."""
+
+    general: torch.Tensor
+    domain: torch.Tensor | list
+    objective: str
+    examples: list = field(default_factory=list)  # sft: held-out questions with an answer, for exact match
+    pairs: list = field(default_factory=list)  # dpo: held-out pairs, with the reference's log-probabilities
+
+
+def _examples(config: RunConfig, tokenizer, general: torch.Tensor) -> tuple[ExampleBatches, Heldout]:
+    """The training batches and held-out set of an sft or dpo run (a chunk of the pairs per sDPO stage)."""
+    d, t = config.data, config.train
+    kind = "instructions" if config.objective == "sft" else "pairs"
+    examples = load_examples(d.domain, kind, "train")
+    if config.dpo.stages > 1:
+        size = len(examples) // config.dpo.stages
+        examples = examples[config.dpo.stage * size:(config.dpo.stage + 1) * size]
+    examples = examples[:d.max_examples or t.steps * t.global_batch]
+    rows = encoded(tokenizer, examples, d.template, d.seq_len, kind)
+    held = load_examples(d.domain, kind, "heldout")[:t.eval_batches * t.global_batch]
+    held_rows = encoded(tokenizer, held, d.template, d.seq_len, kind)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    source = ExampleBatches(rows, t.global_batch, t.steps, t.seed, pad_id, pairs=kind == "pairs")
+    if kind == "instructions":
+        answered = [e for e in held if e.answer is not None][:ANSWERED]
+        return source, Heldout(general, held_rows, "sft", examples=answered)
+    return source, Heldout(general, [pair[0] for pair in held_rows], "dpo", pairs=held_rows)
+
+
+ANSWERED = 64  # held-out questions answered by greedy generation for exact-match accuracy (sft)
+
+
+def _evaluate(model, heldout: Heldout, batch_size: int, accelerator, tokenizer=None,
+              config: RunConfig | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """({"general": (n,), "domain": (m,)} per-block (or per-example) held-out losses, {other scores}): for sft the
+    exact-match accuracy of greedy answers, for dpo the preference accuracy and reward margin."""
+    pad_id = None if tokenizer is None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                             else tokenizer.eos_token_id)
+    scores = {}
     with accelerator.autocast():
-        for key, blocks in heldout.items():
-            if id(blocks) not in seen:
-                seen[id(blocks)] = block_losses(model, blocks, batch_size)
-            losses[key] = seen[id(blocks)]
-    return losses
+        losses = {"general": block_losses(model, heldout.general, batch_size)}
+        if heldout.objective == "lm":
+            losses["domain"] = losses["general"] if heldout.domain is heldout.general else \
+                block_losses(model, heldout.domain, batch_size)
+        else:
+            losses["domain"] = response_losses(model, heldout.domain, pad_id, accelerator.device, batch_size)
+        if heldout.examples:
+            scores["accuracy"] = answer_accuracy(model, tokenizer, heldout.examples, config.data.template,
+                                                 accelerator.device, max_new_tokens=96, batch_size=batch_size)
+        if heldout.pairs and len(heldout.pairs[0]) == 4:  # with reference log-probabilities
+            scores.update(preference_scores(model, heldout.pairs, config.dpo.beta, pad_id, accelerator.device,
+                                            batch_size))
+    return losses, scores
 
 
 def _ppl(losses: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
@@ -329,7 +395,7 @@ def _base_losses(load, heldout: dict, batch_size: int, accelerator, say=print) -
             say(f"the base could not be loaded to measure it ({e}); forgetting and gain will be against step 0")
         else:
             where = next(model.parameters()).device
-            losses = _evaluate(model.to(accelerator.device), heldout, batch_size, accelerator)
+            losses = _evaluate(model.to(accelerator.device), heldout, batch_size, accelerator)[0]
             model.to(where)
     accelerator.wait_for_everyone()
     return losses
@@ -382,8 +448,8 @@ def _save_model(out: Path, config: RunConfig, accelerator, model, tokenizer, man
                 tokenizer.save_pretrained(tmp)
                 if manifest is not None:  # the growth, and that the model has since been trained (no longer identical)
                     d, t = config.data, config.train
-                    manifest.after_training(method=config.method, domain=d.domain, steps=t.steps,
-                                            tokens=t.steps * t.global_batch * d.seq_len).write(tmp)
+                    manifest.after_training(method=config.method, objective=config.objective, domain=d.domain,
+                                            steps=t.steps, tokens=t.steps * t.global_batch * d.seq_len).write(tmp)
         finally:
             shared.setLevel(level)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
