@@ -35,6 +35,7 @@ CHECKS = {
     "llama_pro_plan": ("lab02", "llama_pro_layers"), "zero_init": ("lab02", "zeroed_copy"),
     "dus_plan": ("lab03", "dus_layers"), "new_layers": ("lab03", "new_layers"),
     "freeze": ("lab04", "freeze_by_manifest"), "train_step": ("lab04", "train_step"),
+    "dpo_loss": ("lab05", "dpo_loss"), "slerp": ("lab05", "slerp"),
 }
 
 
@@ -243,7 +244,29 @@ MISTAKES = {
     "gradients never cleared": ("train_step", _step(zero_grad=False), {}, "optimizer.zero_grad()"),
     "labels shifted twice": ("train_step", _step(labels="shifted"), {}, "labels shifted twice"),
     "no optimizer step": ("train_step", _step(step=False), {}, "optimizer.step()"),
+    "DPO without the reference": (
+        "dpo_loss", lambda c, r, rc, rr, beta: -F.logsigmoid(beta * (c - r)).mean(), {}, "reference is not subtracted"),
+    "DPO chosen and rejected swapped": (
+        "dpo_loss", lambda c, r, rc, rr, beta: -F.logsigmoid(beta * ((r - rr) - (c - rc))).mean(), {}, "swapped"),
+    "DPO summed": ("dpo_loss", lambda c, r, rc, rr, beta: -F.logsigmoid(beta * ((c - rc) - (r - rr))).sum(), {},
+                   "take the mean"),
+    "DPO one loss per pair": ("dpo_loss", lambda c, r, rc, rr, beta: -F.logsigmoid(beta * ((c - rc) - (r - rr))), {},
+                              "one loss per pair"),
+    "DPO log of sigmoid": (
+        "dpo_loss", lambda c, r, rc, rr, beta: -torch.log(torch.sigmoid(beta * ((c - rc) - (r - rr)))).mean(), {},
+        "use torch.nn.functional.logsigmoid"),
+    "SLERP as a line": ("slerp", lambda a, b, t: (1 - t) * a + t * b, {}, "linear interpolation"),
+    "SLERP the wrong way": ("slerp", lambda a, b, t: solution("lab05", "slerp")(a, b, 1 - t), {}, "the wrong way"),
+    "SLERP of the directions": (
+        "slerp", lambda a, b, t: (lambda m: m / m.norm())(solution("lab05", "slerp")(a, b, t)), {}, "unit sphere"),
+    "SLERP without a fallback": ("slerp", lambda a, b, t: _slerp_always(a, b, t), {}, "fall back to linear"),
 }
+
+
+def _slerp_always(a, b, t):
+    cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).item()
+    theta = math.acos(min(1.0, cos))
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
 @pytest.mark.parametrize("mistake", MISTAKES)

@@ -35,6 +35,9 @@ from deepen import llama
 from deepen.grow import OUTPUT_PROJECTIONS, grow, layer_of, zero_output_projections
 from deepen.loop import train_step as reference_step
 from deepen.manifest import Manifest
+from deepen.merge import lerp
+from deepen.merge import slerp as deepen_slerp
+from deepen.objectives import dpo_loss as deepen_dpo_loss
 from deepen.plan import Plan, custom, dus, llama_pro
 from deepen.trainable import select_trainable
 
@@ -845,6 +848,98 @@ def _train_step(train_step) -> str:
     raise Wrong(f"the loss is right but the weights after two steps differ from the reference (max difference "
                 f"{diffs[where]:.3g}, in {where}): one forward, loss.backward(), optimizer.step(), "
                 "optimizer.zero_grad() — no extra scaling or clipping here")
+
+
+# ---------------------------------------------------------------- lab 05: after growth (DPO, SLERP)
+
+
+def _as_tensor(got):
+    """A student's answer as a tensor when it is array-like (a NumPy array, a list, a float); else as it is."""
+    if isinstance(got, torch.Tensor) or got is None:
+        return got
+    try:
+        return torch.as_tensor(got)
+    except (TypeError, ValueError, RuntimeError):
+        return got
+
+
+def check_dpo_loss(dpo_loss) -> Result:
+    """dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta) -> the mean DPO loss over the pairs, from
+    sequence log-probabilities (pairs,): −log σ(β[(chosen − ref_chosen) − (rejected − ref_rejected)])."""
+    return _check("dpo_loss", _dpo_loss, dpo_loss)
+
+
+def _dpo_loss(dpo_loss) -> str:
+    reference = deepen_dpo_loss
+    g = _seeded(0)
+    cases = [(4, 0.1), (7, 0.5), (1, 2.0)]  # pairs, beta: several sizes and strengths
+    for n, beta in cases:
+        chosen, rejected = -20 * torch.rand(n, generator=g) - 5, -20 * torch.rand(n, generator=g) - 5
+        ref_c, ref_r = -20 * torch.rand(n, generator=g) - 5, -20 * torch.rand(n, generator=g) - 5
+        want = reference(chosen, rejected, ref_c, ref_r, beta)[0]
+        got = _as_tensor(_call(dpo_loss, chosen.clone(), rejected.clone(), ref_c.clone(), ref_r.clone(), beta))
+        if isinstance(got, torch.Tensor) and got.numel() == n and got.shape != want.shape:
+            raise Wrong(f"returned one loss per pair, shape {tuple(got.shape)}; return their mean, a scalar")
+        logits = beta * ((chosen - ref_c) - (rejected - ref_r))
+        mistakes = {
+            "the reference is not subtracted: the reward is β (log π(y|x) − log π_ref(y|x))":
+                -F.logsigmoid(beta * (chosen - rejected)).mean(),
+            "chosen and rejected swapped: the loss then pushes the model towards the rejected answers":
+                -F.logsigmoid(-logits).mean(),
+            "β not applied to the margin (it scales the reward before the sigmoid)":
+                -F.logsigmoid(logits / beta).mean(),
+            "summed over the pairs: take the mean": -F.logsigmoid(logits).sum(),
+            "the sign: the loss is −log σ(margin), which falls as the margin grows": F.logsigmoid(logits).mean(),
+        }
+        if n == 1:
+            mistakes.pop("summed over the pairs: take the mean")
+        _compare(got, want, (), mistakes, f" (for {n} pairs, beta={beta})")
+    far = torch.tensor([-500.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([0.0])  # margin −50·β
+    got = _as_tensor(_call(dpo_loss, *far, 1.0))
+    if not isinstance(got, torch.Tensor) or not torch.isfinite(got).all():
+        raise Wrong("not finite for a large margin (chosen far below rejected): −log(sigmoid(x)) overflows; use "
+                    "torch.nn.functional.logsigmoid")
+    return f"equals deepen.objectives.dpo_loss on {len(cases)} sets of pairs (beta 0.1, 0.5, 2), and stays finite " \
+           "for a margin of −500"
+
+
+def check_slerp(slerp) -> Result:
+    """slerp(a, b, t) -> the spherical interpolation of two tensors of one shape (as deepen.merge.slerp)."""
+    return _check("slerp", _slerp, slerp)
+
+
+def _slerp(slerp) -> str:
+    reference = deepen_slerp
+    g = _seeded(0)
+    a, b = torch.randn(4, 6, generator=g, dtype=torch.float64), 3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    for t in (0.0, 0.3, 0.75, 1.0):
+        want = reference(a, b, t)
+        got = _as_tensor(_call(slerp, a.clone(), b.clone(), t))
+        unit = want / want.norm()
+        mistakes = {"that is linear interpolation (1 − t)·a + t·b: SLERP follows the arc between the directions":
+                    lerp(a, b, t),
+                    "t runs the wrong way: t = 0 must give a, t = 1 b": reference(a, b, 1 - t),
+                    "the result lies on the unit sphere: interpolate a and b themselves, not their directions": unit,
+                    "the angle comes from the dot product of a and b unnormalised: divide by both norms":
+                    _slerp_with_raw_angle(a, b, t)}
+        if t in (0.0, 1.0):
+            mistakes.pop("that is linear interpolation (1 − t)·a + t·b: SLERP follows the arc between the directions")
+            mistakes.pop("the angle comes from the dot product of a and b unnormalised: divide by both norms")
+        _compare(got, want, ("rows", "columns"), mistakes, f" (t={t})")
+    near = a + 1e-9 * b  # nearly parallel: sin θ ≈ 0
+    got = _as_tensor(_call(slerp, a.clone(), near.clone(), 0.5))
+    if not isinstance(got, torch.Tensor) or not torch.isfinite(got).all():
+        raise Wrong("nearly parallel tensors give sin θ ≈ 0 and a division by zero: fall back to linear "
+                    "interpolation when |cos θ| is close to 1 (deepen uses 0.9995)")
+    _compare(got, reference(a, near, 0.5), ("rows", "columns"), {}, " (nearly parallel tensors)")
+    return "equals deepen.merge.slerp at t = 0, 0.3, 0.75 and 1 on tensors of different norms, and falls back to a " \
+           "line for nearly parallel ones"
+
+
+def _slerp_with_raw_angle(a, b, t):
+    cos = torch.clamp(a.flatten() @ b.flatten(), -1, 1).item()
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
 # ---------------------------------------------------------------- the registry

@@ -12,7 +12,9 @@ import torch
 
 from deepen.batches import heldout_blocks, streams
 from deepen.config import DataConfig
+from deepen.instruct import encoded, load_examples
 from deepen.loop import perplexity  # the one definition, which training's held-out evaluation uses too
+from deepen.objectives import answer_accuracy, response_losses
 from deepen.train import model_folder
 
 
@@ -168,3 +170,20 @@ def _load_task(manager, name: str) -> list:
                          f"reached here ({e}); run it online once (the dataset is then cached), or give a local "
                          f"task with include_path") from e
     return [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+
+
+def instruction_scores(model, tokenizer, name: str, seq_len: int = 256, n: int = 32, template: str = "alpaca",
+                       batch_size: int = 8) -> dict[str, float]:
+    """How well `model` does on the held-out part of an instruction set (deepen.instruct: "math-sft", "code-sft" or
+    a hub set): the perplexity of the reference responses, and where the set has short answers (math) the
+    exact-match accuracy of greedy answers — the numbers `deepen sft` logs, for any model."""
+    examples = load_examples(name, "instructions", "heldout")[:n]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = encoded(tokenizer, examples, template, seq_len, "instructions")
+    scores = {"response_ppl": math.exp(response_losses(model, rows, pad, device, batch_size).mean().item())}
+    answered = [e for e in examples if e.answer is not None]
+    if answered:
+        scores["accuracy"] = answer_accuracy(model, tokenizer, answered, template, device, max_new_tokens=96,
+                                             batch_size=batch_size)
+    return scores
