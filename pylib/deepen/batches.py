@@ -1,9 +1,10 @@
 """Batch sources: what a run reads each step, and the held-out blocks it is scored on.
 
 - `batches`: rows of blocks packed in memory, every row once per epoch, a new seeded order each epoch.
-- `InMemoryBatches` / `StreamedBatches`: a run's global batches, the same on every process, from a given step on
-  (a resumed run starts at its checkpoint's step): packed in memory (built-ins, local files), or streamed as the
-  corpus is read, in bounded memory (hub datasets; `data.streaming`).
+- `InMemoryBatches` / `StreamedBatches`: each process's share of a run's global batches from a given step on (a
+  resumed run starts at its checkpoint's step): packed in memory (built-ins, local files), or streamed as the
+  corpus is read, in bounded memory (hub datasets; `data.streaming`), each process reading only its own streams
+  (deepen.stream) and saving their positions in every checkpoint.
 - `heldout_blocks`: the first blocks of a corpus's held-out split, packed or streamed (the same blocks).
 """
 
@@ -14,7 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
-from deepen.data import STREAM_SHUFFLE_BLOCKS, is_hub_name, load_corpus, pack, stream_blocks
+from deepen.data import is_hub_name, load_corpus, pack
+from deepen.stream import SHUFFLE_BLOCKS, BlockStream, PartReader, stream_count
 
 
 def batches(blocks: torch.Tensor, batch_size: int, steps: int, seed: int = 0) -> Iterator[torch.Tensor]:
@@ -31,11 +33,11 @@ def batches(blocks: torch.Tensor, batch_size: int, steps: int, seed: int = 0) ->
 _PACKED: dict[tuple, torch.Tensor] = {}
 
 
-def packed(corpus: str, split: str, tokenizer, seq_len: int, max_tokens: int | None, text_column: str = "text"):
+def packed(corpus, split: str, tokenizer, seq_len: int, max_tokens: int | None, text_column: str = "text"):
     """Packed blocks (n, seq_len) of a corpus split, the first `max_tokens`; kept in memory for the next run in
-    this process (a notebook comparing methods packs each corpus once). Keyed by the corpus name, so a local
+    this process (a notebook comparing methods packs each corpus once). Keyed by the corpus spec, so a local
     file edited between runs is read again only in a new process."""
-    key = (corpus, split, tokenizer.name_or_path, len(tokenizer), seq_len, max_tokens, text_column)
+    key = (repr(corpus), split, tokenizer.name_or_path, len(tokenizer), seq_len, max_tokens, text_column)
     if key not in _PACKED:
         _PACKED[key] = pack(load_corpus(corpus, split, text_column=text_column), tokenizer, seq_len, max_tokens)
     return _PACKED[key]
@@ -47,7 +49,7 @@ def streams(data, corpus: str) -> bool:
     return data.streaming if data.streaming is not None else is_hub_name(corpus)
 
 
-def heldout_blocks(corpus: str, tokenizer, seq_len: int, n_blocks: int | None = None, *, text_column: str = "text",
+def heldout_blocks(corpus, tokenizer, seq_len: int, n_blocks: int | None = None, *, text_column: str = "text",
                    streaming: bool = False) -> torch.Tensor:
     """The first `n_blocks` packed blocks (n, seq_len) of a corpus's held-out split (all of it when None), in
     memory; streaming reads only as much of the split as they need (the same blocks: an unshuffled stream packs
@@ -55,8 +57,8 @@ def heldout_blocks(corpus: str, tokenizer, seq_len: int, n_blocks: int | None = 
     if not streaming:
         return packed(corpus, "heldout", tokenizer, seq_len, None if n_blocks is None else n_blocks * seq_len,
                       text_column)
-    blocks = list(itertools.islice(stream_blocks(corpus, "heldout", tokenizer, seq_len, passes=1,
-                                                 text_column=text_column), n_blocks))
+    blocks = list(itertools.islice(BlockStream(corpus, "heldout", tokenizer, seq_len, passes=1,
+                                               text_column=text_column), n_blocks))
     if not blocks:
         raise ValueError(f"the held-out split does not fill one block of seq_len={seq_len}")
     return torch.stack(blocks)
@@ -68,59 +70,91 @@ class InMemoryBatches:
     def __init__(self, blocks: torch.Tensor, global_batch: int, steps: int, seed: int):
         self.blocks, self.global_batch, self.steps, self.seed = blocks, global_batch, steps, seed
 
-    def global_batches(self, start: int) -> Iterator[torch.Tensor]:
-        """(global_batch, seq_len) for steps start+1, start+2, ...: the same on every process."""
+    def local_batches(self, start: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, int]]:
+        """(this process's rows (global_batch / world, seq_len), the global batch's tokens) for steps start+1, ..."""
+        per = self.global_batch // world
         stream = batches(self.blocks, self.global_batch, self.steps, self.seed)
         for _ in range(start):
             next(stream)  # the data position of the checkpoint
-        return stream
+        for batch in stream:
+            yield batch[rank * per:(rank + 1) * per], batch.numel()
 
     def position(self) -> dict:
         return {}
 
-    @staticmethod
-    def tokens(batch: torch.Tensor) -> int:
-        return batch.numel()
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def restore(self, state: dict, tensors: dict) -> None:
+        pass
 
 
 class StreamedBatches:
-    """Global batches of a corpus streamed as it is read (`deepen.data.stream_blocks`): bounded memory, shuffled
-    in a seeded buffer, a new pass over the corpus whenever it ends. The stream is deterministic for a seed, so
-    resuming at step `start` reads and drops its first start × global_batch blocks: the same position, at the cost
-    of reading those again. The first block is read at once, so a bad corpus fails before the model loads."""
+    """Each process's share of the global batches of a corpus streamed as it is read (deepen.stream): S streams
+    (S = gcd(global_batch, 16)), row j of every global batch from stream j mod S, this process reading only the
+    streams s with s mod world = rank — so W processes (W dividing S) read disjoint documents and together the
+    global batches one process would. Each stream shuffles in its own seeded window and makes a new pass when its
+    share ends. `state()` is every stream's position, saved in each checkpoint, so a resume reads nothing again
+    (but the rows before its position in the file each part was in). Each part's first document is read at once:
+    a bad corpus fails before the model loads."""
 
-    def __init__(self, corpus: str, tokenizer, data, global_batch: int, seed: int, say=print):
-        self.corpus, self.global_batch, self.passes, self.say = corpus, global_batch, 0, say
-        self.blocks = stream_blocks(corpus, "train", tokenizer, data.seq_len, text_column=data.text_column,
-                                    seed=seed, shuffle_buffer=STREAM_SHUFFLE_BLOCKS, max_tokens=data.max_tokens,
-                                    on_pass=self._passed)
-        self.first = next(self.blocks)
+    def __init__(self, spec, tokenizer, data, global_batch: int, seed: int, rank: int = 0, world: int = 1, say=print):
+        self.count = stream_count(global_batch)
+        if self.count % world:
+            raise ValueError(f"a streamed corpus is read as {self.count} streams (from train.global_batch="
+                             f"{global_batch}), which {world} processes cannot share: run a process count that "
+                             f"divides {self.count}")
+        self.spec, self.global_batch, self.rank, self.world, self.say = spec, global_batch, rank, world, say
+        window = max(1, SHUFFLE_BLOCKS // self.count)
+        max_tokens = None if data.max_tokens is None else max(1, data.max_tokens // self.count)
+        self.streams = {s: BlockStream(spec, "train", tokenizer, data.seq_len, stream=s, streams=self.count, seed=seed,
+                                       window=window, max_tokens=max_tokens, text_column=data.text_column,
+                                       on_pass=lambda k, documents, tokens, s=s: self._passed(s, k, documents, tokens))
+                        for s in range(self.count) if s % world == rank}
+        for stream in self.streams.values():  # fails early on a bad corpus, reading one document of each part
+            for reader in stream.readers:
+                probe = PartReader(reader.part, "train", reader.stream, reader.streams, seed, False, reader.column)
+                if probe.next_text() is None:
+                    raise ValueError(f"corpus {reader.part.name!r} has no documents in stream {reader.stream} of its "
+                                     f"train split")
+        self.seq_len = data.seq_len
 
-    def _passed(self, k: int, documents: int, tokens: int) -> None:
-        self.passes = k + 1
-        self.say(f"{self.corpus}: pass {k + 1} over the training stream done ({documents:,} documents, "
-                 f"{tokens:,} tokens); starting pass {k + 2}")
+    def _passed(self, stream: int, k: int, documents: int, tokens: int) -> None:
+        if stream == 0:
+            self.say(f"{self.spec}: pass {k + 1} over the training stream done (stream 0 of {self.count}: "
+                     f"{documents:,} documents, {tokens:,} tokens); starting pass {k + 2}")
 
-    def global_batches(self, start: int) -> Iterator[torch.Tensor]:
-        blocks = itertools.chain([self.first], self.blocks)
-        for _ in itertools.islice(blocks, start * self.global_batch):
-            pass  # the data position of the checkpoint, read again
+    def local_batches(self, start: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, int]]:
+        """(this process's rows, the global batch's tokens), step after step from where the streams stand."""
+        mine = [j for j in range(self.global_batch) if (j % self.count) % self.world == self.rank]
         while True:
-            yield torch.stack(list(itertools.islice(blocks, self.global_batch)))
+            yield torch.stack([next(self.streams[j % self.count]) for j in mine]), self.global_batch * self.seq_len
 
     def position(self) -> dict:
-        return {"data_passes": self.passes}  # passes over the corpus read to their end so far
+        """Passes over the corpus read to their end so far (by this process's first stream)."""
+        return {"data_passes": min(stream.done_passes for stream in self.streams.values())}
 
-    @staticmethod
-    def tokens(batch: torch.Tensor) -> int:
-        return batch.numel()
+    def state(self) -> tuple[dict, dict]:
+        """(JSON, tensors) of this process's streams: what a checkpoint saves per process."""
+        states, tensors = {}, {}
+        for s, stream in self.streams.items():
+            states[str(s)], own = stream.state()
+            tensors.update({f"stream/{s}/{k}": v for k, v in own.items()})
+        return {"streams": states, "count": self.count}, tensors
+
+    def restore(self, state: dict, tensors: dict) -> None:
+        if state.get("count") != self.count:
+            raise ValueError(f"the checkpoint's data was read as {state.get('count')} streams, this run's as "
+                             f"{self.count}: resume with the same train.global_batch")
+        for s, stream in self.streams.items():
+            stream.restore(state["streams"][str(s)], {k: tensors[f"stream/{s}/{k}"] for k in ("blocks", "pending")})
 
 
-def training_batches(data, train, tokenizer, say=print):
+def training_batches(data, train, tokenizer, say=print, rank: int = 0, world: int = 1):
     """The run's training batches (deepen.config DataConfig and TrainConfig): streamed when `streams` says so,
     else the first tokens the steps need (or data.max_tokens) packed in memory."""
     if streams(data, data.domain):
-        return StreamedBatches(data.domain, tokenizer, data, train.global_batch, train.seed, say)
+        return StreamedBatches(data.domain, tokenizer, data, train.global_batch, train.seed, rank, world, say)
     tokens = data.max_tokens or train.steps * train.global_batch * data.seq_len
     return InMemoryBatches(packed(data.domain, "train", tokenizer, data.seq_len, tokens, data.text_column),
                            train.global_batch, train.steps, train.seed)

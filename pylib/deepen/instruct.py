@@ -253,27 +253,31 @@ def encoded(tokenizer, examples: list[Example], template: str, max_len: int, kin
 
 
 class ExampleBatches:
-    """Global batches of tokenised examples (instructions: one row each; pairs: a chosen and a rejected row each),
-    every example once per epoch in a seeded order — the same on every process; resumable by step like
+    """Each process's share of the global batches of tokenised examples (instructions: one row each; pairs: a
+    chosen and a rejected row each), every example once per epoch in a seeded order; resumable by step like
     deepen.batches.InMemoryBatches."""
 
     def __init__(self, rows: list, global_batch: int, steps: int, seed: int, pad_id: int, pairs: bool):
         self.rows, self.global_batch, self.steps, self.seed = rows, global_batch, steps, seed
         self.pad_id, self.pairs = pad_id, pairs
 
-    def global_batches(self, start: int):
+    def local_batches(self, start: int, rank: int = 0, world: int = 1):
+        """(this process's rows, the global batch's tokens) for steps start+1, start+2, ..."""
+        per = self.global_batch // world
         index = torch.arange(len(self.rows)).view(-1, 1)
         for step, picked in enumerate(batches(index, self.global_batch, self.steps, self.seed)):
             if step >= start:
-                yield [self.rows[i] for i in picked.flatten().tolist()]
-
-    def collate(self, rows: list) -> dict[str, torch.Tensor]:
-        """A batch for the model: pairs become the chosen rows then the rejected rows of one padded batch."""
-        flat = [r[0] for r in rows] + [r[1] for r in rows] if self.pairs else rows
-        return collate(flat, self.pad_id)
+                rows = [self.rows[i] for i in picked.flatten().tolist()]
+                yield rows[rank * per:(rank + 1) * per], self.tokens(rows)
 
     def position(self) -> dict:
         return {}
+
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def restore(self, state: dict, tensors: dict) -> None:
+        pass
 
     def tokens(self, rows: list) -> int:
         """Tokens the rows hold: an example's ids; a pair's chosen and rejected ids."""

@@ -97,8 +97,9 @@ class Checkpointer:
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]  # state_dict's numbering
 
-    def save(self, step: int, state: dict) -> Path:
-        """Write step-`step` with `state` (JSON: the step's tokens, data position, ...) beside the tensors."""
+    def save(self, step: int, state: dict, local: tuple[dict, dict] = ({}, {})) -> Path:
+        """Write step-`step` with `state` (JSON: the step's tokens, ...) beside the tensors; `local` is this
+        process's own (JSON, tensors) — the position of the data streams it reads."""
         final = self.folder / f"step-{step:07d}"
         tmp = self.folder / f".step-{step:07d}.partial"
         if self.accelerator.is_main_process:
@@ -121,10 +122,11 @@ class Checkpointer:
                 tensors[f"rng/cuda/{d}"] = s
         numpy_state = np.random.get_state()
         tensors["rng/numpy"] = torch.from_numpy(numpy_state[1].astype(np.int64))
+        tensors.update({f"data/{k}": v for k, v in local[1].items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"rank-{self.rank:05d}.safetensors")
         (tmp / f"rank-{self.rank:05d}.json").write_text(json.dumps({
             "optimizer_state": kinds, "python_random": _jsonable(random.getstate()),
-            "numpy_random": [numpy_state[0], *numpy_state[2:]]}))
+            "numpy_random": [numpy_state[0], *numpy_state[2:]], "data": local[0]}))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             groups = [{**g, "betas": list(g["betas"])} if "betas" in g else g for g in optimizer["param_groups"]]
@@ -139,7 +141,8 @@ class Checkpointer:
         return final
 
     def load(self) -> dict | None:
-        """Restore the last checkpoint, if any: returns its state (step, tokens, data position, ...) or None."""
+        """Restore the last checkpoint, if any: returns its state (step, tokens, ...; "local": this process's own
+        (JSON, tensors), as `save` got them) or None."""
         for stale in self.folder.glob(".step-*.partial") if self.accelerator.is_main_process else ():
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint a killed run did not finish writing
         last = self.last()
@@ -176,7 +179,8 @@ class Checkpointer:
         random.setstate((version, tuple(keys), gauss))
         name, *rest = meta["numpy_random"]
         np.random.set_state((name, tensors["rng/numpy"].numpy().astype(np.uint32), *rest))
-        return state
+        local = {k.removeprefix("data/"): v for k, v in tensors.items() if k.startswith("data/")}
+        return {**state, "local": (meta.get("data", {}), local)}
 
 
 def _jsonable(value):

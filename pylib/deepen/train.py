@@ -210,7 +210,8 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     general = _data("general", d, lambda corpus: heldout_blocks(corpus, tokenizer, d.seq_len, n_eval,
                                                                text_column=d.text_column, streaming=streams(d, corpus)))
     if config.objective == "lm":
-        source = _data("domain", d, lambda corpus: training_batches(d, t, tokenizer, say))
+        source = _data("domain", d, lambda corpus: training_batches(d, t, tokenizer, say, accelerator.process_index,
+                                                                    accelerator.num_processes))
         domain = general if d.domain == d.general else _data(
             "domain", d, lambda corpus: heldout_blocks(corpus, tokenizer, d.seq_len, n_eval, text_column=d.text_column,
                                                        streaming=streams(d, corpus)))
@@ -254,6 +255,8 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     checkpoints = Checkpointer(out / CHECKPOINTS, accelerator, model, optimizer, schedule)
     resumed = checkpoints.load()
     start = resumed["step"] if resumed else 0
+    if resumed:
+        source.restore(*resumed["local"])  # where this process's data streams stood
     if "train.lr" in changes and resumed:
         _set_lr(optimizer, schedule, t.lr)
     if accelerator.is_main_process:
@@ -271,18 +274,15 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         log({"step": start, "changed_on_resume": {k: list(v) for k, v in changes.items()}})
 
     # --- the loop
-    rank = accelerator.process_index
-    stream = source.global_batches(start)  # the same global batches on every process, from the checkpoint's position
+    stream = source.local_batches(start, accelerator.process_index, accelerator.num_processes)  # this process's share
     tokens = resumed["tokens"] if resumed else 0  # trained on so far (sft and dpo: the examples' real lengths)
     model.train()
     bar = tqdm(range(start + 1, t.steps + 1), initial=start, total=t.steps, desc=f"train {config.method}",
                disable=not progress or not accelerator.is_main_process)
     for step in bar:
         began = time.perf_counter()
-        batch = next(stream)  # the global batch: (global_batch, seq) token ids, or example rows
-        step_tokens = source.tokens(batch)
+        ids, step_tokens = next(stream)  # (per_process, seq) token ids, or example rows; the global batch's tokens
         tokens += step_tokens
-        ids = batch[rank * per_process:(rank + 1) * per_process]  # this process's share
         ids = ids.to(accelerator.device) if objective is None else ids
         lr = schedule.get_last_lr()[0]
         if masks:
@@ -300,7 +300,7 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
             log_losses({"step": step, **_listed(losses)})
         log(record)
         if step % t.save_every == 0 and step < t.steps:
-            checkpoints.save(step, {"tokens": tokens, **source.position()})
+            checkpoints.save(step, {"tokens": tokens, **source.position()}, local=source.state())
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         if callback is not None:
             callback(record, model)
