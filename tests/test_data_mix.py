@@ -1,6 +1,8 @@
 """Weighted corpus mixtures ("code:0.6,math:0.4", as the LLaMA Pro paper mixes math and code): parsing, the
 share of each corpus in every prefix, upsampling, the split, and the run config that names one."""
 
+from pathlib import Path
+
 import pytest
 
 from deepen.config import load_config
@@ -72,3 +74,41 @@ def test_a_run_config_names_a_mixture(tmp_path):
     config = load_config(None, [f"data.domain={a}:0.62,{b}:0.38"])
     blocks = pack(load_corpus(config.data.domain), tiny_tokenizer(4096), seq_len=64, max_tokens=64 * 20)
     assert blocks.shape == (20, 64)
+
+
+def test_a_mixture_written_as_records_is_the_short_form():
+    from deepen.config import Corpus
+
+    short = load_corpus("code:0.6,math:0.4", max_documents=200)
+    records = load_corpus([Corpus("code", 0.6), Corpus("math", 0.4)], max_documents=200)
+    assert short["id"] == records["id"] and short["text"] == records["text"]
+    config = load_config(None, ["data.domain=[{name: code, weight: 3}, {name: math, weight: 2, text_column: text}]"])
+    assert [(p.name, p.weight) for p in config.data.domain] == [("code", 3.0), ("math", 2.0)]
+    with pytest.raises(ValueError, match=r"unknown key 'data.domain\[1\].weigth'"):
+        load_config(None, ["data.domain=[{name: code}, {name: math, weigth: 2}]"])
+    with pytest.raises(ValueError, match=r"data.domain is an empty list"):
+        load_config(None, ["data.domain=[]"])
+
+
+def test_the_7b_preset_states_the_papers_mix():
+    """LLaMA Pro: Proof-Pile-2 (55B tokens) + the Stack-dedup's Python (22B at weight 1.5 = 33B): 62.5% / 37.5%, the
+    Stack read from its data/python folder and its "content" column; forgetting on LAMBADA, all of it held out."""
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "llama2-7b-pro.yaml")
+    math_part, code_part = config.data.domain
+    assert (math_part.name, math_part.config) == ("EleutherAI/proof-pile-2", "default")
+    assert (code_part.name, code_part.data_dir, code_part.text_column) == ("bigcode/the-stack-dedup", "data/python",
+                                                                            "content")
+    assert math_part.weight / (math_part.weight + code_part.weight) == pytest.approx(0.625)
+    (lambada,) = config.data.general
+    assert (lambada.name, lambada.split, lambada.heldout_fraction) == ("EleutherAI/lambada_openai", "test", 1.0)
+
+
+def test_a_part_that_cannot_be_found_fails_before_training_naming_it(small_llama_path, tmp_path):
+    from deepen.train import train
+
+    config = load_config(None, [f"model={small_llama_path}", "grow={method: llama-pro, groups: 2}",
+                                "data.streaming=true", f"data.domain=[{{name: code}}, {{name: {tmp_path / 'nowhere'}}}]",
+                                f"out={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError, match=r"data.domain='code:1,.*nowhere:1'.*corpus '.*nowhere'"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -344,50 +344,117 @@ def test_an_unfilled_lab_runs_to_the_end_and_reports_not_done(lab, tmp_path):
     assert not any("Traceback" in r["feedback"] for r in rows)
 
 
-def test_errors_in_and_outside_the_exercises_are_reported(tmp_path):
-    def exercise(name, source):
-        cell = nbformat.v4.new_code_cell(source)
-        cell.metadata[EXERCISE] = name
-        return cell
+def submission(tmp_path, lab: str, answers: dict[str, str], strip_metadata: bool = False, name: str | None = None):
+    """A copy of a pristine lab with some exercise cells answered (a None answer deletes that cell)."""
+    path = next(p for p in LABS if p.stem.startswith(lab))
+    nb = nbformat.read(path, as_version=4)
+    kept = []
+    for cell in nb.cells:
+        exercise = cell.metadata.get(EXERCISE)
+        if exercise in answers:
+            if answers[exercise] is None:
+                continue
+            cell.source = answers[exercise]
+        if strip_metadata:
+            cell.metadata.pop(EXERCISE, None)
+        kept.append(cell)
+    nb.cells = kept
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / (name or path.name)
+    nbformat.write(nb, out)
+    return out
 
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("from deepen import checks"),
-        exercise("new_layers", "def new_layers(sources):\n    return ["),  # a syntax error: this exercise fails
-        nbformat.v4.new_code_cell("checks.check_new_layers(new_layers)"),
-        exercise("dus_plan", "def dus_layers(n_layers, drop):\n    return []"),  # graded all the same
-        nbformat.v4.new_code_cell("checks.check_dus_plan(dus_layers)"),
-        exercise("rmsnorm", "def my_norm(x, weight, eps):\n    return x"),  # renamed: its check cell raises
-        nbformat.v4.new_code_cell("checks.check_rmsnorm(rms_norm)"),
-        nbformat.v4.new_code_cell("undefined_name"),  # outside the exercises: the notebook stops
-        nbformat.v4.new_code_cell("checks.check_swiglu(lambda x, mlp: x)"),
-    ])
-    path = tmp_path / "broken.ipynb"
-    nbformat.write(nb, path)
-    assert main(["grade", str(path), "--out", str(tmp_path / "out")]) == 1
-    rows = {r["exercise"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out")}
-    assert list(rows) == ["new_layers", "dus_plan", "rmsnorm", "swiglu", "(notebook)"]
-    assert rows["new_layers"][0] == "fail" and rows["new_layers"][1].startswith(
-        "the exercise cell (cell 2) raised SyntaxError")
+
+def grade_rows(tmp_path, *notebooks, timeout=600) -> dict:
+    assert main(["grade", *map(str, notebooks), "--out", str(tmp_path / "out"), "--timeout", str(timeout)]) in (0, 1)
+    return {r["exercise"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out")}
+
+
+def test_errors_in_an_exercise_fail_that_exercise_only(tmp_path):
+    lab = submission(tmp_path, "lab03", {"new_layers": "def new_layers(sources):\n    return [",  # does not parse
+                                         "dus_plan": "def dus_layers(n_layers, drop):\n    return []"})
+    rows = grade_rows(tmp_path, lab)
+    assert list(rows) == ["dus_plan", "new_layers"]
     assert rows["dus_plan"][0] == "fail" and rows["dus_plan"][1].startswith("for n_layers=32, drop=8: expected")
-    assert rows["rmsnorm"] == ("fail", "the check cell (cell 7) raised NameError: name 'rms_norm' is not defined")
-    assert rows["swiglu"][0] == "not run" and "cell 8 raised NameError" in rows["swiglu"][1]
-    assert rows["(notebook)"] == ("error", "cell 8 raised NameError: name 'undefined_name' is not defined")
+    assert rows["new_layers"][0] == "fail" and "does not parse: SyntaxError" in rows["new_layers"][1]
+    renamed = submission(tmp_path, "lab01", {"rmsnorm": "def my_norm(x, weight, eps):\n    return x"})
+    rows = grade_rows(tmp_path, renamed)
+    assert rows["rmsnorm"] == ("fail", "defines no `rms_norm`: the lab checks checks.check_rmsnorm(rms_norm); keep "
+                                       "the function's name")
+    assert rows["rope"][0] == "not done"  # the others still graded
 
 
-def test_an_endless_exercise_cell_is_interrupted_and_grading_goes_on(tmp_path):
-    loop = nbformat.v4.new_code_cell("def new_layers(sources):\n    return []\nwhile True:\n    pass")
-    loop.metadata[EXERCISE] = "new_layers"
-    plan = nbformat.v4.new_code_cell("def dus_layers(n_layers, drop):\n    return []")
-    plan.metadata[EXERCISE] = "dus_plan"
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("from deepen import checks"),
-        loop, nbformat.v4.new_code_cell("checks.check_new_layers(new_layers)"),
-        plan, nbformat.v4.new_code_cell("checks.check_dus_plan(dus_layers)"),
-    ])
-    path = tmp_path / "endless.ipynb"
-    nbformat.write(nb, path)
-    assert main(["grade", str(path), "--out", str(tmp_path / "out"), "--timeout", "5"]) == 1
-    rows = {r["exercise"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out")}
-    assert list(rows) == ["new_layers", "dus_plan"]  # no "(notebook)" error: the results were read
-    assert rows["new_layers"][0] == "fail" and "the exercise cell (cell 2) raised" in rows["new_layers"][1]
-    assert rows["dus_plan"][0] == "fail" and rows["dus_plan"][1].startswith("for n_layers=32, drop=8: expected")
+def test_an_endless_exercise_is_stopped_and_grading_goes_on(tmp_path):
+    lab = submission(tmp_path, "lab03", {
+        "new_layers": "def new_layers(sources):\n    while True:\n        pass",
+        "dus_plan": "def dus_layers(n_layers, drop):\n    return list(range(n_layers - drop)) + list(range(drop, n_layers))"})
+    rows = grade_rows(tmp_path, lab, timeout=5)
+    assert rows["dus_plan"][0] == "pass"
+    assert rows["new_layers"] == ("fail", "the check of your function ran past the --timeout of 5 s")
+
+
+def test_a_grade_cannot_be_forged(tmp_path):
+    """Every way to pass without doing the work that a student might try: none passes."""
+    right = "def dus_layers(n_layers, drop):\n    return list(range(n_layers - drop)) + list(range(drop, n_layers))"
+    forged = json.dumps([{"name": "dus_plan", "status": "pass", "feedback": "forged"}])
+    tricks = {
+        "a forged result printed": f"print({checks.RESULTS_MARKER!r} + {forged!r})\n"
+                                   "def dus_layers(n_layers, drop):\n    return []",
+        "the comparison patched": "import torch\ntorch.equal = lambda a, b: True\ntorch.allclose = lambda *a, **k: True\n"
+                                  "def dus_layers(n_layers, drop):\n    return []",
+        "the reporter replaced": "from deepen import checks\n"
+                                 "checks._check = lambda name, body, *args: checks.Result(name, 'pass', 'faked')\n"
+                                 "def dus_layers(n_layers, drop):\n    return []",
+        "deepen's own plan called": "from deepen.plan import dus\n"
+                                    "def dus_layers(n_layers, drop):\n    return dus(n_layers, drop).sources",
+        "deepen's plan called by name": "import importlib\n"
+                                        "def dus_layers(n_layers, drop):\n"
+                                        "    return getattr(importlib.import_module('deepen.plan'), 'dus')(n_layers, drop).sources",
+    }
+    for i, (trick, source) in enumerate(tricks.items()):
+        lab = submission(tmp_path / str(i), "lab03", {"dus_plan": source})
+        status, feedback = grade_rows(tmp_path / str(i), lab)["dus_plan"]
+        assert status == "fail", (trick, feedback)
+        assert ("tampered" in feedback) == (trick in ("the comparison patched", "the reporter replaced")), trick
+        assert ("calls deepen's own implementation" in feedback) == trick.startswith("deepen's"), (trick, feedback)
+    # an edited check cell is not used: the lab's own check runs
+    lab = submission(tmp_path / "edited", "lab03", {"dus_plan": "def dus_layers(n_layers, drop):\n    return []"})
+    nb = nbformat.read(lab, as_version=4)
+    for cell in nb.cells:
+        if "check_dus_plan" in cell.source:
+            cell.source = "print('✓ dus_plan: pass')"
+    nbformat.write(nb, lab)
+    assert grade_rows(tmp_path / "edited", lab)["dus_plan"][0] == "fail"
+    # a deleted exercise cell is not done; an answer without the exercise's marking is still found
+    lab = submission(tmp_path / "other", "lab03", {"dus_plan": right, "new_layers": None}, strip_metadata=True)
+    rows = grade_rows(tmp_path / "other", lab)
+    assert rows == {"dus_plan": rows["dus_plan"], "new_layers": rows["new_layers"]}
+    assert rows["dus_plan"][0] == "pass" and rows["new_layers"][0] == "not done"
+
+
+def test_a_right_answer_written_another_way_passes(tmp_path):
+    """A NumPy array where a list is asked for, a generator of steps: the checks judge the values."""
+    lab = submission(tmp_path, "lab03", {
+        "dus_plan": "import numpy as np\ndef dus_layers(n_layers, drop):\n"
+                    "    return np.concatenate([np.arange(n_layers - drop), np.arange(drop, n_layers)])",
+        "new_layers": "def new_layers(sources):\n    return [i for i, s in enumerate(sources) if s in sources[:i]]"})
+    rows = grade_rows(tmp_path, lab)
+    assert rows["new_layers"][0] == "pass" and rows["dus_plan"][0] == "pass", rows
+
+
+def test_a_submission_must_be_named_like_its_lab(tmp_path, capsys):
+    lab = submission(tmp_path, "lab03", {}, name="my_homework.ipynb")
+    assert main(["grade", str(lab), "--out", str(tmp_path / "out")]) == 2
+    assert "answers no lab: a submission keeps the name of the lab it answers" in capsys.readouterr().err
+
+
+def test_the_handout_holds_the_labs_without_solutions(tmp_path, capsys):
+    assert main(["handout", str(tmp_path / "handout")]) == 0
+    out = tmp_path / "handout"
+    assert sorted(p.name for p in out.glob("*.ipynb")) == sorted(p.name for p in LABS)
+    readme = (out / "README.md").read_text()
+    assert all(f"| {name} | 1 |" in readme for name in CHECKS)  # every exercise, with its points
+    solutions = [line for path in SOLUTIONS.glob("*.py") for line in read_solutions(path).values()]
+    text = "".join(p.read_text() for p in out.glob("*.ipynb"))
+    assert not any(code.strip() in text for code in solutions)  # no solution in what students receive
+    assert main(["handout", str(out)]) == 2  # never over an existing folder

@@ -219,3 +219,31 @@ def test_which_corpora_stream(base, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="data.domain='EleutherAI/proof-pile-2'.*hub dataset.*HF_HUB_OFFLINE"):
         train(config(base, tmp_path / "hub", "data.domain=EleutherAI/proof-pile-2"), progress=False)
     assert not (tmp_path / "hub").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_read_their_own_streams_and_train_as_one(base, big_shards, tmp_path):
+    """torchrun with 2 CPU processes (gloo) on a streamed corpus: each reads and packs only its own streams (2 of the
+    4), the global batches are one process's, so the losses are the one-process run's to float tolerance; killed and
+    resumed, the 2-process run goes on exactly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {base}\ngrow: {{method: llama-pro, groups: 2}}\n"
+                    f"data: {{domain: {big_shards}, streaming: true, seq_len: 32}}\n"
+                    "train: {steps: 4, global_batch: 4, micro_batch: 1, lr: 1.0e-2, eval_every: 4, eval_batches: 1, "
+                    "save_every: 2}\n")
+    one = records(train(load_config(path, [f"out={tmp_path / 'one'}"]), progress=False).parent)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "deepen", "train", "--config", str(path),
+                    f"out={tmp_path / 'two'}"], check=True, capture_output=True, env=env)
+    two = records(tmp_path / "two")
+    assert [r["step"] for r in two] == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in two[1:]] == pytest.approx([r["loss"] for r in one[1:]], rel=1e-5)
+    assert two[-1]["ppl_domain"] == pytest.approx(one[-1]["ppl_domain"], rel=1e-5)
+    saved = sorted(p.name for p in (tmp_path / "two").rglob("rank-*.json"))
+    assert not saved  # the finished run removed its checkpoints

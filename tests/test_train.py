@@ -73,7 +73,7 @@ def test_llama_pro_trains_only_the_new_blocks(base, tmp_path):
         new = name.startswith(tuple(f"model.layers.{i}." for i in NEW))
         assert torch.equal(trained[name], before) != new, name  # the rest bit-identical; every new tensor moved
     manifest = json.loads(Path(out, "expansion.json").read_text())
-    assert manifest["new_layers"] == NEW and manifest["trained"] == {"method": "llama-pro", "domain": "code",
+    assert manifest["new_layers"] == NEW and manifest["trained"] == {"method": "llama-pro", "objective": "lm", "domain": "code",
                                                                      "steps": 4, "tokens": 4 * 4 * 32}
     assert LlamaForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
 

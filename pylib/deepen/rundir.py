@@ -83,9 +83,14 @@ class Checkpointer:
     .step-N.partial and renamed, the previous one removed after. Every process calls `save` and `load`."""
 
     def __init__(self, folder: str | os.PathLike, accelerator, model, optimizer, schedule):
+        from accelerate.utils import DistributedType
+
         self.folder, self.accelerator = Path(folder), accelerator
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        # DeepSpeed partitions parameters and optimizer state its own way: its engine saves and loads them (in its
+        # own, pickled format: resume only run folders you made), the rest is deepen's
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def last(self) -> Path | None:
         done = sorted(self.folder.glob("step-*[0-9]")) if self.folder.is_dir() else []
@@ -106,8 +111,10 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        tensors = {f"model/{name}": _local(p.detach()) for name, p in self._trainable().items()}
-        optimizer = self.optimizer.state_dict()
+        if self.deepspeed:
+            self.accelerator.save_state(str(tmp / "deepspeed"))
+        tensors = {} if self.deepspeed else {f"model/{name}": _local(p.detach()) for name, p in self._trainable().items()}
+        optimizer = {"state": {}, "param_groups": []} if self.deepspeed else self.optimizer.state_dict()
         kinds = {}  # which optimizer state entries are tensors, and which of those DTensors (re-made on load)
         for i, entries in optimizer["state"].items():
             for key, value in entries.items():
@@ -154,6 +161,9 @@ class Checkpointer:
                              f"(now {self.world}), or start a new run in another out folder")
         tensors = load_file(last / f"rank-{self.rank:05d}.safetensors")
         meta = json.loads((last / f"rank-{self.rank:05d}.json").read_text())
+        if self.deepspeed:
+            self.accelerator.load_state(str(last / "deepspeed"))
+            return self._restore_rest(state, tensors, meta)
         trainable = self._trainable()
         saved = {k.removeprefix("model/") for k in tensors if k.startswith("model/")}
         if saved != set(trainable):
@@ -170,6 +180,10 @@ class Checkpointer:
             entries.setdefault(int(i), {})[name] = _like(value, params[int(i)]) if kind == "dtensor" else value
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
         self.optimizer.load_state_dict({"state": entries, "param_groups": groups})
+        return self._restore_rest(state, tensors, meta)
+
+    def _restore_rest(self, state: dict, tensors: dict, meta: dict) -> dict:
+        """The schedule, the random states and this process's data position."""
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(tensors["rng/torch"])
         if torch.cuda.is_available():

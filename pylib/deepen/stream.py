@@ -263,9 +263,9 @@ class BlockStream:
         """(JSON state, {"blocks": the window's blocks not given out yet (n, seq_len), "pending": the tokens not in a
         block yet}) of this stream."""
         blocks = torch.stack(self.ready) if self.ready else torch.zeros(0, self.cutter.seq_len, dtype=torch.long)
-        mixture = None if self.ahead is None else {"ahead": self.ahead, "chars": self.chars,
-                                                   "read_through": self.read_through, "pass_tokens": self.pass_tokens,
-                                                   "pass_documents": self.pass_documents}
+        mixture = None if self.ahead is None else {"ahead": list(self.ahead), "chars": list(self.chars),
+                                                   "read_through": list(self.read_through),
+                                                   "pass_tokens": self.pass_tokens, "pass_documents": self.pass_documents}
         return ({"readers": [r.state() for r in self.readers], "mixture": mixture, "done_passes": self.done_passes,
                  "windows": self.windows},
                 {"blocks": blocks, "pending": torch.tensor(self.cutter.pending(), dtype=torch.long)})

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from deepen.batches import heldout_blocks, streams, training_batches
 from deepen.config import RECIPES, RunConfig, batch_layout, check, recipe
-from deepen.data import tiny_tokenizer
+from deepen.data import revisions, tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
 from deepen.instruct import ExampleBatches, encoded, load_examples
 from deepen.loop import NonFiniteLoss, block_losses, optimizer_and_schedule, train_step
@@ -268,7 +268,9 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     if start == 0:
         losses, scores = _evaluate(model, heldout, micro, accelerator, tokenizer, config)
         base = losses if base is None else base
-        log({"step": 0, "tokens": 0, **_ppl(losses), **scores, **_ppl(base, "base_")})
+        pinned = {k: v for key in ("domain", "general") for k, v in revisions(getattr(d, key)).items()}
+        log({"step": 0, "tokens": 0, **_ppl(losses), **scores, **_ppl(base, "base_"),
+             **({"data_revisions": pinned} if pinned else {})})
         log_losses({"step": 0, **_listed(losses), **_listed(base, "base_")})
     elif changes:
         log({"step": start, "changed_on_resume": {k: list(v) for k, v in changes.items()}})
@@ -310,12 +312,13 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
 
 
 def _data(key: str, d, read):
-    """What read(corpus) reads from data.<key>; an error names the key."""
+    """What read(corpus) reads from data.<key>; an error names the key (and the part, in the error itself)."""
     corpus = getattr(d, key)
     try:
         return read(corpus)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
-        raise type(e)(f"data.{key}={corpus!r}: {e}") from None
+        shown = corpus if isinstance(corpus, str) else ",".join(f"{p.name}:{p.weight:g}" for p in corpus)
+        raise type(e)(f"data.{key}={shown!r}: {e}") from None
 
 
 @dataclass
