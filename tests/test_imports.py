@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "pylib" / "deepen"
 ORDER = ["llama", "plan", "manifest", "models", "grow", "checkpoint", "verify", "merge", "config", "data", "stream", "batches",
          "instruct", "objectives",
          "trainable", "loop", "rundir", "train", "evaluate", "runs", "dpo", "budget", "profile", "plots",
-         "checks", "grade", "grade_child", "widgets", "reproduce", "demo", "handout", "cli", "__main__"]
+         "diagrams", "checks", "grade", "grade_child", "widgets", "reproduce", "demo", "handout", "cli", "__main__"]
 
 
 def imports(path: Path) -> dict[str, int]:
