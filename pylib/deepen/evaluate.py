@@ -12,7 +12,7 @@ import torch
 
 from deepen.batches import heldout_blocks, streams
 from deepen.config import DataConfig
-from deepen.instruct import encoded, load_examples
+from deepen.instruct import encoded, load_examples, pad_id
 from deepen.loop import perplexity  # the one definition, which training's held-out evaluation uses too
 from deepen.objectives import answer_accuracy, response_losses
 from deepen.train import model_folder
@@ -179,9 +179,8 @@ def instruction_scores(model, tokenizer, name: str, seq_len: int = 256, n: int =
     exact-match accuracy of greedy answers — the numbers `deepen sft` logs, for any model."""
     examples = load_examples(name, "instructions", "heldout")[:n]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = encoded(tokenizer, examples, template, seq_len, "instructions")
-    scores = {"response_ppl": math.exp(response_losses(model, rows, pad, device, batch_size).mean().item())}
+    scores = {"response_ppl": math.exp(response_losses(model, rows, pad_id(tokenizer), device, batch_size).mean().item())}
     answered = [e for e in examples if e.answer is not None]
     if answered:
         scores["accuracy"] = answer_accuracy(model, tokenizer, answered, template, device, max_new_tokens=96,

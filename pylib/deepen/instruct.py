@@ -12,7 +12,9 @@ Hub datasets by name, for online users: Open-Orca/SlimOrca, meta-math/MetaMathQA
 (instructions), Intel/orca_dpo_pairs, HuggingFaceH4/ultrafeedback_binarized (pairs); any other hub dataset with
 columns prompt/response (or prompt/chosen/rejected).
 
-Held out: examples whose prompt's hash falls in the held-out share (deepen.data.is_heldout), as for documents.
+Held out: examples whose id's hash falls in the held-out share (deepen.data.is_heldout), as for documents; the
+built-ins' ids are their corpus documents', so a held-out problem is unseen in pretraining and tuning alike. Hub
+sets split by prompt. A training example whose prompt is also a held-out one is dropped.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Example:
     chosen: str | None = None
     rejected: str | None = None
     answer: str | None = None
+    id: str | None = None  # what decides its split: the built-ins' document ids (as the corpora split them), else the prompt
 
 
 # ---------------------------------------------------------------------------------------------- built-in sets
@@ -67,10 +70,11 @@ def _wrong(answer: str, rng: random.Random) -> str:
     return answer[:m.start()] + str(wrong) + answer[m.end():]
 
 
-def _functions(limit: int) -> list[tuple[str, str]]:
-    """(docstring, source) of small documented top-level functions of the standard library, in a stable order."""
+def _functions(limit: int) -> list[tuple[str, str, str]]:
+    """(file, docstring, source) of small documented top-level functions of the standard library, in a stable
+    order; file is the id the code corpus splits that file by."""
     found = []
-    for _, source in stdlib_sources():
+    for file, source in stdlib_sources():
         try:
             tree = ast.parse(source)
         except SyntaxError:
@@ -79,7 +83,7 @@ def _functions(limit: int) -> list[tuple[str, str]]:
         for node in tree.body:
             doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
             if doc and 3 <= node.end_lineno - node.lineno <= 25 and not node.name.startswith("_"):
-                found.append((f"{node.name}: {doc.strip().splitlines()[0]}",
+                found.append((file, f"{node.name}: {doc.strip().splitlines()[0]}",
                               "\n".join(lines[node.lineno - 1:node.end_lineno])))
                 if len(found) == limit:
                     return found
@@ -102,24 +106,25 @@ def _builtin(name: str) -> list[Example]:
         out = []
         for i in range(EXAMPLES):
             question, solution, answer = _math(i)
+            doc = f"math/0/{i}"  # the id the math corpus splits this problem by: held out on both sides alike
             if name == "math-sft":
-                out.append(Example(question, response=solution, answer=answer))
+                out.append(Example(question, response=solution, answer=answer, id=doc))
             else:
                 wrong = _wrong(answer, rng)
                 out.append(Example(question, chosen=solution, rejected=solution[:solution.rindex("Answer: ")]
-                                   + f"Answer: {wrong}", answer=answer))
+                                   + f"Answer: {wrong}", answer=answer, id=doc))
         return out
     out = []
-    for doc, source in _functions(EXAMPLES):
+    for file, doc, source in _functions(EXAMPLES):
         name_, _, summary = doc.partition(": ")
         prompt = f"Write a Python function `{name_}`: {summary}"
         code = _without_docstring(source)
         if name == "code-sft":
-            out.append(Example(prompt, response=code))
+            out.append(Example(prompt, response=code, id=file))
         else:
             lines = code.splitlines()
             if len(lines) > 2:
-                out.append(Example(prompt, chosen=code, rejected="\n".join(lines[:-1])))
+                out.append(Example(prompt, chosen=code, rejected="\n".join(lines[:-1]), id=file))
     return out
 
 
@@ -191,7 +196,12 @@ def load_examples(name: str, kind: str, split: str = "train", limit: int = 20_00
     else:
         raise FileNotFoundError(f"{name!r} is not a built-in set ({', '.join(builtins)}) nor a hub dataset name "
                                 "like 'user/dataset'")
-    kept = [e for e in examples if is_heldout(e.prompt, HELDOUT_FRACTION) == (split == "heldout")]
+    held = [e for e in examples if is_heldout(e.id or e.prompt, HELDOUT_FRACTION)]
+    if split == "heldout":
+        kept = held
+    else:
+        unseen = {e.prompt for e in held}
+        kept = [e for e in examples if not is_heldout(e.id or e.prompt, HELDOUT_FRACTION) and e.prompt not in unseen]
     if not kept:
         raise ValueError(f"{name!r} has no examples in its {split} split")
     return kept
@@ -222,6 +232,11 @@ def encode(tokenizer, prompt: str, response: str, template: str, max_len: int) -
     ids = (p + r)[:max_len]
     labels = ([-100] * len(p) + r)[:max_len]
     return ids, labels
+
+
+def pad_id(tokenizer) -> int:
+    """The token that pads a batch: the tokenizer's pad token, else its EOS (the labels of padding are -100 anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -257,9 +272,8 @@ class ExampleBatches:
     chosen and a rejected row each), every example once per epoch in a seeded order; resumable by step like
     deepen.batches.InMemoryBatches."""
 
-    def __init__(self, rows: list, global_batch: int, steps: int, seed: int, pad_id: int, pairs: bool):
-        self.rows, self.global_batch, self.steps, self.seed = rows, global_batch, steps, seed
-        self.pad_id, self.pairs = pad_id, pairs
+    def __init__(self, rows: list, global_batch: int, steps: int, seed: int, pairs: bool):
+        self.rows, self.global_batch, self.steps, self.seed, self.pairs = rows, global_batch, steps, seed, pairs
 
     def local_batches(self, start: int, rank: int = 0, world: int = 1):
         """(this process's rows, the global batch's tokens) for steps start+1, start+2, ..."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -89,19 +89,28 @@ def train_step(model, batch, optimizer, schedule=None, *, clip: float | None = 1
     return total
 
 
-@torch.no_grad()
-def block_losses(model, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(n_blocks,) float64: each block's mean cross-entropy of predicting blocks[:, 1:] from what comes before."""
+@contextmanager
+def evaluating(model):
+    """The model in eval mode, without gradients, for the block; its training mode given back after."""
     was_training = model.training
     model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def block_losses(model, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(n_blocks,) float64: each block's mean cross-entropy of predicting blocks[:, 1:] from what comes before."""
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size].to(device)  # (batch, seq)
-        logits = model(input_ids=ids).logits[:, :-1].float()  # (batch, seq - 1, vocab)
-        loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (batch, seq - 1)
-        out.append(loss.double().mean(1).cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(blocks), batch_size):
+            ids = blocks[start:start + batch_size].to(device)  # (batch, seq)
+            logits = model(input_ids=ids).logits[:, :-1].float()  # (batch, seq - 1, vocab)
+            loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (batch, seq - 1)
+            out.append(loss.double().mean(1).cpu())
     return torch.cat(out)
 
 

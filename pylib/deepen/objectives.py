@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deepen.instruct import collate, prompt_text
+from deepen.instruct import collate, pad_id, prompt_text
+from deepen.loop import evaluating
 
 
 def to_device(batch: dict, device) -> dict:
@@ -65,76 +66,69 @@ class DPO:
         return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.beta)[0]
 
 
-@torch.no_grad()
 def reference_logps(model, pairs: list, pad_id: int, device, batch_size: int = 8) -> list:
     """The pairs with the model's own (chosen, rejected) log-probabilities appended: the reference of a DPO stage."""
-    was_training = model.training
-    model.eval()
     out = []
     scorer = DPO(0.0, pad_id, device)
-    for start in range(0, len(pairs), batch_size):
-        part = pairs[start:start + batch_size]
-        chosen, rejected = scorer.logps(model, part)
-        out += [(p[0], p[1], c, r) for p, c, r in zip(part, chosen.tolist(), rejected.tolist())]
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            part = pairs[start:start + batch_size]
+            chosen, rejected = scorer.logps(model, part)
+            out += [(p[0], p[1], c, r) for p, c, r in zip(part, chosen.tolist(), rejected.tolist())]
     return out
 
 
-@torch.no_grad()
 def response_losses(model, rows: list, pad_id: int, device, batch_size: int = 8) -> torch.Tensor:
     """(examples,) float64: each example's mean cross-entropy over its response tokens."""
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, len(rows), batch_size):
-        batch = to_device(collate(rows[start:start + batch_size], pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        out.append((loss.double().sum(1) / (labels != -100).sum(1)).cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            batch = to_device(collate(rows[start:start + batch_size], pad_id), device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            out.append((loss.double().sum(1) / (labels != -100).sum(1)).cpu())
     return torch.cat(out)
 
 
-@torch.no_grad()
 def preference_scores(model, pairs: list, beta: float, pad_id: int, device, batch_size: int = 8) -> dict:
     """On held-out pairs (with reference log-probs): preference accuracy (the share with r(chosen) > r(rejected))
     and the mean reward margin."""
-    was_training = model.training
-    model.eval()
     scorer, margins = DPO(beta, pad_id, device), []
-    for start in range(0, len(pairs), batch_size):
-        part = pairs[start:start + batch_size]
-        chosen, rejected = scorer.logps(model, part)
-        ref = torch.tensor([[p[2], p[3]] for p in part], device=chosen.device)
-        margins += dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)[1].tolist()
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            part = pairs[start:start + batch_size]
+            chosen, rejected = scorer.logps(model, part)
+            ref = torch.tensor([[p[2], p[3]] for p in part], device=chosen.device)
+            margins += dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)[1].tolist()
     return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
             "reward_margin": sum(margins) / len(margins)}
 
 
-@torch.no_grad()
 def answer_accuracy(model, tokenizer, examples: list, template: str, device, max_new_tokens: int = 64,
                     batch_size: int = 8) -> float:
     """Exact-match accuracy of greedy answers on held-out questions: the text after the last "Answer:" of the
     generated response, compared with the example's answer."""
-    was_training = model.training
-    model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues the prompt: pad on the left
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     right = 0
     try:
-        for start in range(0, len(examples), batch_size):
-            part = examples[start:start + batch_size]
-            enc = tokenizer([prompt_text(tokenizer, e.prompt, template) for e in part], return_tensors="pt",
-                            padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            for e, ids in zip(part, out[:, enc["input_ids"].shape[1]:]):
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                said = text.rsplit("Answer:", 1)[1].strip().splitlines()[0].strip() if "Answer:" in text else None
-                right += said == e.answer
+        with evaluating(model):
+            for start in range(0, len(examples), batch_size):
+                part = examples[start:start + batch_size]
+                enc = tokenizer([prompt_text(tokenizer, e.prompt, template) for e in part], return_tensors="pt",
+                                padding=True, add_special_tokens=False).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                for e, ids in zip(part, out[:, enc["input_ids"].shape[1]:]):
+                    right += final_answer(tokenizer.decode(ids, skip_special_tokens=True)) == e.answer
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return right / len(examples)
+
+
+def final_answer(text: str) -> str | None:
+    """What a response answers: the first line after its last "Answer:" (None without one)."""
+    if "Answer:" not in text:
+        return None
+    return (text.rsplit("Answer:", 1)[1].strip().splitlines() or [""])[0].strip()

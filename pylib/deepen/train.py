@@ -30,7 +30,7 @@ from deepen.batches import heldout_blocks, streams, training_batches
 from deepen.config import RECIPES, RunConfig, batch_layout, check, recipe
 from deepen.data import revisions, tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
-from deepen.instruct import ExampleBatches, encoded, load_examples
+from deepen.instruct import ExampleBatches, encoded, load_examples, pad_id
 from deepen.loop import NonFiniteLoss, block_losses, optimizer_and_schedule, train_step
 from deepen.manifest import Manifest, atomic_folder
 from deepen.models import resolve
@@ -61,12 +61,13 @@ def model_folder(name: str, progress: bool = True) -> str:
 
 
 def _train_in_a_process(name: str, made: RunConfig, progress: bool) -> None:
+    preset = RECIPES[name.lower()]
     if progress:
-        print(f"{name}: training it once from {RECIPES[name]} (a few minutes), cached in {made.out}", flush=True)
+        print(f"{name}: training it once from {preset} (a few minutes), cached in {made.out}", flush=True)
     distributed = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
     env = {k: v for k, v in os.environ.items() if k not in distributed and not k.startswith("FSDP_")}
-    done = subprocess.run([sys.executable, "-m", "deepen", "train", "--config", RECIPES[name], f"out={made.out}"],
+    done = subprocess.run([sys.executable, "-m", "deepen", "train", "--config", preset, f"out={made.out}"],
                           env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"training {name} failed:\n{(done.stderr or done.stdout).strip()[-1500:]}")
@@ -120,8 +121,14 @@ def _refuse_another_config(out: Path, config: RunConfig, allow_change) -> dict:
     saved = out / CONFIG
     if not saved.is_file():
         return {}
+    try:
+        then = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{saved} is damaged ({e}); remove the run folder {out} or choose another out") from None
+    if not isinstance(then, dict):
+        raise ValueError(f"{saved} is not a run's config; remove the run folder {out} or choose another out")
     # out may be named another way (relative, absolute, a moved folder): the folder itself is the run
-    diff = _config_diff({**yaml.safe_load(saved.read_text()), "out": None}, {**config.to_dict(), "out": None})
+    diff = _config_diff({**then, "out": None}, {**config.to_dict(), "out": None})
     for key in allow_change:
         if key not in CHANGEABLE_ON_RESUME:
             raise ValueError(f"--allow-change {key}: only {', '.join(CHANGEABLE_ON_RESUME)} may change on resume")
@@ -218,9 +225,9 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         heldout = Heldout(general, domain, "lm")
     else:
         source, heldout = _data("domain", d, lambda corpus: _examples(config, tokenizer, general))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    objective = {"lm": None, "sft": InstructionTuning(pad_id, accelerator.device),
-                 "dpo": DPO(config.dpo.beta, pad_id, accelerator.device)}[config.objective]
+    pad = pad_id(tokenizer)
+    objective = {"lm": None, "sft": InstructionTuning(pad, accelerator.device),
+                 "dpo": DPO(config.dpo.beta, pad, accelerator.device)}[config.objective]
 
     # --- the model, and what learns (before prepare: FSDP and ZeRO need requires_grad set)
     base = None  # the base's held-out block losses, for forgetting against the base; None: step 0's (the same)
@@ -228,13 +235,14 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     def score_base(model, plan):
         nonlocal base
         if not preserves_function(plan, config.grow.init):
-            base = _base_losses(lambda: model, heldout, micro, accelerator)
+            base = _base_losses(lambda: model, heldout, micro, accelerator, tokenizer, config)
 
     set_seed(t.seed)
     model, manifest = build_model(config, path, score_base)
     if config.grow is None and manifest is not None and manifest.trained is None \
             and not manifest.plan.function_preserving:  # grown on disk by a plan that changed the function
-        base = _base_losses(lambda: _load_base(manifest.base, progress), heldout, micro, accelerator, say)
+        base = _base_losses(lambda: _load_base(manifest.base, progress), heldout, micro, accelerator, tokenizer, config,
+                            say)
     masks = BranchMasks(model, manifest.new_layers) if config.grow and config.grow.init == "masked" else None
     ramp = max(1, round(config.grow.mask_ramp * t.steps)) if masks else 1  # steps until the mask is 1
     params = [p for p in model.parameters() if p.requires_grad]
@@ -248,10 +256,13 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
 
     # --- optimizer, schedule, and where the run stands
     optimizer, schedule = optimizer_and_schedule(params, t)
+    if config.method == "lora" and accelerator.distributed_type.value == "FSDP":
+        raise ValueError("method lora under FSDP is not supported (the adapters would be merged into sharded weights); "
+                         "train LoRA with data parallelism (configs/accelerate/one-gpu.yaml, or torchrun)")
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.objective == "dpo":  # the reference: this model as it starts, before it learns (before a resume)
-        source.rows = reference_logps(model, source.rows, pad_id, accelerator.device, micro)
-        heldout.pairs = reference_logps(model, heldout.pairs, pad_id, accelerator.device, micro)
+        source.rows = reference_logps(model, source.rows, pad, accelerator.device, micro)
+        heldout.pairs = reference_logps(model, heldout.pairs, pad, accelerator.device, micro)
     checkpoints = Checkpointer(out / CHECKPOINTS, accelerator, model, optimizer, schedule)
     resumed = checkpoints.load()
     start = resumed["step"] if resumed else 0
@@ -273,7 +284,7 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
              **({"data_revisions": pinned} if pinned else {})})
         log_losses({"step": 0, **_listed(losses), **_listed(base, "base_")})
     elif changes:
-        log({"step": start, "changed_on_resume": {k: list(v) for k, v in changes.items()}})
+        log({"step": start, "tokens": resumed["tokens"], "changed_on_resume": {k: list(v) for k, v in changes.items()}})
 
     # --- the loop
     stream = source.local_batches(start, accelerator.process_index, accelerator.num_processes)  # this process's share
@@ -307,7 +318,7 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         if callback is not None:
             callback(record, model)
 
-    _save_model(out, config, accelerator, model, tokenizer, manifest, frozen_in_bf16, masks)
+    _save_model(out, config, accelerator, model, tokenizer, manifest, frozen_in_bf16, masks, tokens)
     return out / FINAL
 
 
@@ -318,7 +329,8 @@ def _data(key: str, d, read):
         return read(corpus)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         shown = corpus if isinstance(corpus, str) else ",".join(f"{p.name}:{p.weight:g}" for p in corpus)
-        raise type(e)(f"data.{key}={shown!r}: {e}") from None
+        kind = type(e) if type(e) in (FileNotFoundError, RuntimeError, ValueError) else ValueError
+        raise kind(f"data.{key}={shown!r}: {e}") from None
 
 
 @dataclass
@@ -345,8 +357,7 @@ def _examples(config: RunConfig, tokenizer, general: torch.Tensor) -> tuple[Exam
     rows = encoded(tokenizer, examples, d.template, d.seq_len, kind)
     held = load_examples(d.domain, kind, "heldout")[:t.eval_batches * t.global_batch]
     held_rows = encoded(tokenizer, held, d.template, d.seq_len, kind)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    source = ExampleBatches(rows, t.global_batch, t.steps, t.seed, pad_id, pairs=kind == "pairs")
+    source = ExampleBatches(rows, t.global_batch, t.steps, t.seed, pairs=kind == "pairs")
     if kind == "instructions":
         answered = [e for e in held if e.answer is not None][:ANSWERED]
         return source, Heldout(general, held_rows, "sft", examples=answered)
@@ -356,12 +367,11 @@ def _examples(config: RunConfig, tokenizer, general: torch.Tensor) -> tuple[Exam
 ANSWERED = 64  # held-out questions answered by greedy generation for exact-match accuracy (sft)
 
 
-def _evaluate(model, heldout: Heldout, batch_size: int, accelerator, tokenizer=None,
-              config: RunConfig | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _evaluate(model, heldout: Heldout, batch_size: int, accelerator, tokenizer,
+              config: RunConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """({"general": (n,), "domain": (m,)} per-block (or per-example) held-out losses, {other scores}): for sft the
     exact-match accuracy of greedy answers, for dpo the preference accuracy and reward margin."""
-    pad_id = None if tokenizer is None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                             else tokenizer.eos_token_id)
+    pad = pad_id(tokenizer)
     scores = {}
     with accelerator.autocast():
         losses = {"general": block_losses(model, heldout.general, batch_size)}
@@ -369,13 +379,12 @@ def _evaluate(model, heldout: Heldout, batch_size: int, accelerator, tokenizer=N
             losses["domain"] = losses["general"] if heldout.domain is heldout.general else \
                 block_losses(model, heldout.domain, batch_size)
         else:
-            losses["domain"] = response_losses(model, heldout.domain, pad_id, accelerator.device, batch_size)
+            losses["domain"] = response_losses(model, heldout.domain, pad, accelerator.device, batch_size)
         if heldout.examples:
             scores["accuracy"] = answer_accuracy(model, tokenizer, heldout.examples, config.data.template,
                                                  accelerator.device, max_new_tokens=96, batch_size=batch_size)
         if heldout.pairs and len(heldout.pairs[0]) == 4:  # with reference log-probabilities
-            scores.update(preference_scores(model, heldout.pairs, config.dpo.beta, pad_id, accelerator.device,
-                                            batch_size))
+            scores.update(preference_scores(model, heldout.pairs, config.dpo.beta, pad, accelerator.device, batch_size))
     return losses, scores
 
 
@@ -387,7 +396,8 @@ def _listed(losses: dict[str, torch.Tensor], prefix: str = "") -> dict[str, list
     return {f"{prefix}{key}": value.tolist() for key, value in losses.items()}
 
 
-def _base_losses(load, heldout: dict, batch_size: int, accelerator, say=print) -> dict | None:
+def _base_losses(load, heldout: Heldout, batch_size: int, accelerator, tokenizer, config: RunConfig,
+                 say=print) -> dict | None:
     """The held-out block losses of the model load() gives (the base, not yet prepared), scored on the main
     process's device (the others wait); {} when the base cannot be loaded (then nothing is recorded for it)."""
     losses = {}
@@ -398,7 +408,7 @@ def _base_losses(load, heldout: dict, batch_size: int, accelerator, say=print) -
             say(f"the base could not be loaded to measure it ({e}); forgetting and gain will be against step 0")
         else:
             where = next(model.parameters()).device
-            losses = _evaluate(model.to(accelerator.device), heldout, batch_size, accelerator)[0]
+            losses = _evaluate(model.to(accelerator.device), heldout, batch_size, accelerator, tokenizer, config)[0]
             model.to(where)
     accelerator.wait_for_everyone()
     return losses
@@ -421,7 +431,7 @@ def _nan_advice(error: NonFiniteLoss, step: int, kept: Path | None, t) -> str:
 
 
 def _save_model(out: Path, config: RunConfig, accelerator, model, tokenizer, manifest: Manifest | None,
-                frozen_in_bf16: bool, masks: BranchMasks | None = None) -> None:
+                frozen_in_bf16: bool, masks: BranchMasks | None, tokens: int) -> None:
     """out/model: the trained model in fp32 with its tokenizer (and manifest, marked trained); checkpoints removed."""
     model.eval()
     state = accelerator.get_state_dict(model)  # every process takes part: FSDP and ZeRO-3 gather the shards
@@ -450,9 +460,10 @@ def _save_model(out: Path, config: RunConfig, accelerator, model, tokenizer, man
                     final.config.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 if manifest is not None:  # the growth, and that the model has since been trained (no longer identical)
-                    d, t = config.data, config.train
-                    manifest.after_training(method=config.method, objective=config.objective, domain=d.domain,
-                                            steps=t.steps, tokens=t.steps * t.global_batch * d.seq_len).write(tmp)
+                    domain = config.data.domain if isinstance(config.data.domain, str) else [
+                        p.name for p in config.data.domain]
+                    manifest.after_training(method=config.method, objective=config.objective, domain=domain,
+                                            steps=config.train.steps, tokens=tokens).write(tmp)
         finally:
             shared.setLevel(level)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
