@@ -363,10 +363,10 @@ def test_eval_of_a_missing_model_or_an_offline_hub_corpus_is_one_line(small_llam
     one_line_error(capsys.readouterr().err, "hub dataset", "HF_HUB_OFFLINE")
 
 
-def test_grade_a_notebook_without_exercises_is_an_error(tmp_path, capsys):
+def test_grade_a_notebook_that_answers_no_lab_is_an_error(tmp_path, capsys):
     assert main(["grade", str(REPO / "notebooks" / "02_zero_init_expansion_is_identity.ipynb"),
                  "--out", str(tmp_path)]) == 2
-    one_line_error(capsys.readouterr().err, "has no exercises")
+    one_line_error(capsys.readouterr().err, "answers no lab")
     assert main(["grade", str(tmp_path / "missing.ipynb"), "--out", str(tmp_path)]) == 2
     one_line_error(capsys.readouterr().err, "missing.ipynb")
 

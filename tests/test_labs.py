@@ -393,6 +393,17 @@ def test_an_endless_exercise_is_stopped_and_grading_goes_on(tmp_path):
     assert rows["new_layers"] == ("fail", "the check of your function ran past the --timeout of 5 s")
 
 
+def test_an_answer_that_writes_a_lot_is_still_graded(tmp_path):
+    """Megabytes on stdout and stderr fill no pipe: the grader neither hangs nor loses the verdicts."""
+    lab = submission(tmp_path, "lab03", {
+        "new_layers": "import sys\nsys.stderr.write('x' * 3_000_000)\nprint('y' * 3_000_000)\n"
+                      "def new_layers(sources):\n    return []",
+        "dus_plan": "def dus_layers(n_layers, drop):\n    return list(range(n_layers - drop)) + list(range(drop, n_layers))"})
+    rows = grade_rows(tmp_path, lab, timeout=60)
+    assert rows["dus_plan"][0] == "pass" and rows["new_layers"][0] == "fail"
+    assert "timeout" not in rows["new_layers"][1]  # failed on its answer, not stuck writing
+
+
 def test_a_grade_cannot_be_forged(tmp_path):
     """Every way to pass without doing the work that a student might try: none passes."""
     right = "def dus_layers(n_layers, drop):\n    return list(range(n_layers - drop)) + list(range(drop, n_layers))"

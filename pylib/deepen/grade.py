@@ -7,8 +7,9 @@ else the cell that defines the function the lab's exercise cell defines — and 
 and its own check calls, in a fresh process per notebook. So:
 
 - an edited or deleted check cell changes nothing (the lab's own check runs), and a deleted exercise is "not done";
-- nothing printed counts: the verdict comes back on a channel of the grader's, tagged with a number the answer
-  never sees;
+- nothing printed counts: the verdict comes back on a channel of the grader's, tagged with a number the answer is
+  not given (an answer written to dig it out of the grading process's own frames is not stopped by this: the
+  grader guards against edits and shortcuts, not against a deliberate exploit of the Python process it shares);
 - an answer that changes the checks or what they compare with (torch's comparisons, deepen's reference, the
   reporter) while it runs is refused ("tampered"), as is one that only calls deepen's own implementation of the
   exercise (`deepen.checks.IMPLEMENTS`);
@@ -29,6 +30,7 @@ import re
 import secrets
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -164,21 +166,23 @@ def _grade_in_a_process(job: dict, folder: Path, timeout: float) -> dict:
     """Run the job in a fresh Python process (deepen.grade_child); {exercise: {status, feedback}} from its verdict
     line, the one tagged with the nonce only this process and the grader's part of the child know."""
     nonce = secrets.token_hex(16)
-    read, write = os.pipe()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    child = subprocess.Popen([sys.executable, "-m", "deepen.grade_child", str(write)], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=folder, env=env,
-                             pass_fds=(write,), text=True)
-    os.close(write)
-    with os.fdopen(read) as channel:
+    # the channel and stderr are files, not pipes: a child that writes much can never block on a full pipe
+    with tempfile.TemporaryFile("w+") as channel, tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen([sys.executable, "-m", "deepen.grade_child", str(channel.fileno())],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors, cwd=folder, env=env,
+                                 pass_fds=(channel.fileno(),), text=True)
         try:
             child.stdin.write(json.dumps({"nonce": nonce, **job}) + "\n")
             child.stdin.close()
             child.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, BrokenPipeError):
             child.kill()
             child.wait()
+        channel.seek(0)
         lines = channel.read().splitlines()
+        errors.seek(0)
+        error = (errors.read().strip().splitlines() or [""])[-1][:200]
     verdicts = {}
     for line in lines:
         tag, _, body = line.partition(" ")
@@ -187,7 +191,6 @@ def _grade_in_a_process(job: dict, folder: Path, timeout: float) -> dict:
             verdicts[verdict["exercise"]] = {"status": verdict["status"], "feedback": verdict["feedback"]}
     if child.returncode != 0 and len(verdicts) < len(job["steps"]):
         why = f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
-        error = (child.stderr.read().strip().splitlines() or [""])[-1][:200]
         verdicts["(process)"] = f"the grading process stopped ({why}{': ' + error if error else ''})"
     return verdicts
 
