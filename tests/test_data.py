@@ -1,5 +1,6 @@
 """Corpora, the split by document, the math generator, packing and the tiny tokenizer."""
 
+import gzip
 import json
 import re
 from fractions import Fraction
@@ -136,6 +137,16 @@ def test_local_folder_glob_file_and_jsonl(tmp_path):
         load_corpus(str(records), "heldout", text_column="content")) == 40
     with pytest.raises(ValueError, match="no column 'text'"):
         load_corpus(str(records))
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(30)]}).to_parquet(str(packed / "a.parquet"))
+    with gzip.open(packed / "b.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps({"text": f"zipped {i}"}) for i in range(30)))
+    with pytest.raises(ValueError, match="mixes file types \\(json, parquet\\)"):
+        load_corpus(str(packed))
+    for file, prefix in ((packed / "a.parquet", "row"), (packed / "b.jsonl.gz", "zipped")):
+        read = [*load_corpus(str(file))["text"], *load_corpus(str(file), "heldout")["text"]]
+        assert sorted(read) == sorted(f"{prefix} {i}" for i in range(30))
 
 
 def test_hub_name_offline_and_missing_path_fail_clearly(monkeypatch):

@@ -103,7 +103,7 @@ def test_init_ablation_options():
     assert torch.equal(logits(base, IDS), logits(zeros, IDS))  # all-zero block: identity too (but cannot learn)
     random = grow(base, plan, init="random")
     assert not torch.allclose(logits(base, IDS), logits(random, IDS))
-    with pytest.raises(ValueError, match="init='bad' is not one of plan, random, zeros"):
+    with pytest.raises(ValueError, match="init='bad' is not one of plan, copy, random, zeros, masked"):
         grow(base, plan, init="bad")
 
 

@@ -327,12 +327,22 @@ def local_files(name: str) -> list[str] | None:
     return sorted(glob.glob(str(path), recursive=True)) or None
 
 
-def _load_local(files: list[str], text_column: str) -> tuple[list[str], list[str]]:
-    json_like = all(f.endswith((".json", ".jsonl")) for f in files)
+def file_format(files: list[str], name: str) -> str:
+    """How a corpus part's local files are read: "parquet", "json" (.json, .jsonl, compressed too) or "text"."""
+    kinds = {("parquet" if f.endswith(".parquet") else "json" if f.endswith((".json", ".jsonl", ".json.gz",
+                                                                             ".jsonl.gz", ".jsonl.zst"))
+              else "text") for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"corpus {name!r} mixes file types ({', '.join(sorted(kinds))}); give one kind per part")
+    return kinds.pop()
+
+
+def _load_local(files: list[str], name: str, text_column: str) -> tuple[list[str], list[str]]:
+    fmt = file_format(files, name)
     sample_by = "document" if len(files) > 1 else "paragraph"  # one file alone: its paragraphs, or no split
-    ds = (datasets.load_dataset("json", data_files=files, split="train") if json_like
-          else datasets.load_dataset("text", data_files=files, sample_by=sample_by, split="train"))
-    column = text_column if json_like else "text"
+    ds = (datasets.load_dataset("text", data_files=files, sample_by=sample_by, split="train") if fmt == "text"
+          else datasets.load_dataset(fmt, data_files=files, split="train"))
+    column = "text" if fmt == "text" else text_column
     if column not in ds.column_names:
         raise ValueError(f"{files[0]} has no column {column!r}; columns: {ds.column_names}; pass text_column=...")
     texts = [t for t in ds[column] if t and t.strip()]
@@ -389,8 +399,8 @@ def load_corpus(name, split: str = "train", *, text_column: str = "text", max_do
     """Documents of a corpus, in memory, columns "id" and "text".
 
     name: a corpus spec (`corpus_parts`): "general", "wiki", "code" or "math" (built-ins); a local file, folder or
-        glob (text: one file is one document, or one paragraph when there is a single file; .json/.jsonl: one
-        record is one document, read from `text_column`); else a hub dataset "user/name" or "user/name:config"
+        glob (text: one file is one document, or one paragraph when there is a single file; .json/.jsonl,
+        compressed too, or .parquet: one record is one document, read from `text_column`); else a hub dataset "user/name" or "user/name:config"
         (its first `hub_documents` documents, streamed); a weighted mixture "name:weight,name:weight" or a list
         of Corpus records (config, data_dir, split, text column, revision per part).
     split: "train" or "heldout" (the part's heldout_fraction of the documents, chosen by a hash of their ids;
@@ -421,7 +431,7 @@ def _load_part(part: Corpus, split: str, seed: int, hub_documents: int) -> datas
     elif name == "math":
         ids, texts = _math(seed)
     elif files := local_files(name):
-        ids, texts = _load_local(files, part.text_column)
+        ids, texts = _load_local(files, part.name, part.text_column)
     elif "/" in name and not Path(name).is_absolute() and not name.startswith("."):
         ids, texts = _load_hub(part, hub_documents)
     else:

@@ -26,8 +26,8 @@ import datasets
 import torch
 
 from deepen.config import Corpus
-from deepen.data import (BUILTINS, BlockCutter, local_files, corpus_parts, hub_offline_error, is_heldout,
-                         load_corpus)
+from deepen.data import (BUILTINS, BlockCutter, corpus_parts, file_format, hub_offline_error, is_heldout,
+                         load_corpus, local_files)
 
 MAX_STREAMS = 16  # streams per corpus: any process count dividing it (1, 2, 4, 8, 16) reads the same global batches
 SHUFFLE_BLOCKS = 1_024  # blocks in the shuffle windows of all streams together (1024 x 4096 int64 tokens = 32 MB)
@@ -49,7 +49,7 @@ def part_files(part: Corpus) -> tuple[str, list[str]]:
     if name in BUILTINS:
         return "builtin", [name]
     if files := local_files(name):
-        return _format(files, name), files
+        return file_format(files, name), files
     if "/" not in name or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
                                 f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
@@ -60,15 +60,6 @@ def part_files(part: Corpus) -> tuple[str, list[str]]:
     if builder.name in ("json", "parquet", "text", "csv") and files:
         return builder.name, list(files)
     return "dataset", [name]
-
-
-def _format(files: list[str], name: str) -> str:
-    kinds = {("parquet" if f.endswith(".parquet") else "json" if f.endswith((".json", ".jsonl", ".json.gz",
-                                                                             ".jsonl.gz", ".jsonl.zst"))
-              else "text") for f in files}
-    if len(kinds) > 1:
-        raise ValueError(f"corpus {name!r} mixes file types ({', '.join(sorted(kinds))}); give one kind per part")
-    return kinds.pop()
 
 
 def _rows(part: Corpus, fmt: str, file: str, skip: int, sample_by: str) -> Iterator[dict]:
