@@ -200,6 +200,10 @@ def test_bad_configs_fail_before_any_work_naming_the_key(base, tmp_path):
         train(config(base, tmp_path / "run"), progress=False, callback=stop_at(1))
     with pytest.raises(ValueError, match=r"another config \(train.lr: 0.01 then, 0.001 now\)"):
         train(config(base, tmp_path / "run", "train.lr=1e-3"), progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["objective"], saved["dpo"], saved["data"]["template"]  # as a run begun before those keys existed
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert (train(config(base, tmp_path / "run"), progress=False) / "model.safetensors").is_file()  # it resumes
 
 
 def test_cli_train_and_eval(base, tmp_path, capsys):

@@ -291,7 +291,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if not isinstance(node, dict):
                 raise ValueError(f"cannot set {item!r}: {k} is not a section")
         node[keys[-1]] = value
-    return check(_build(RunConfig, data, ""))
+    return check(from_dict(data))
+
+
+def from_dict(data: dict) -> RunConfig:
+    """A config from its mapping (as `RunConfig.to_dict` writes it); keys left out take their defaults."""
+    return _build(RunConfig, data, "")
 
 
 # Models made here by a run of deepen's own: name -> the run config that pretrains it from scratch.

@@ -27,7 +27,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from deepen.batches import heldout_blocks, streams, training_batches
-from deepen.config import RECIPES, RunConfig, batch_layout, check, recipe
+from deepen.config import RECIPES, RunConfig, batch_layout, check, from_dict, recipe
 from deepen.data import revisions, tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
 from deepen.instruct import ExampleBatches, encoded, load_examples, pad_id
@@ -127,6 +127,10 @@ def _refuse_another_config(out: Path, config: RunConfig, allow_change) -> dict:
         raise ValueError(f"{saved} is damaged ({e}); remove the run folder {out} or choose another out") from None
     if not isinstance(then, dict):
         raise ValueError(f"{saved} is not a run's config; remove the run folder {out} or choose another out")
+    try:  # a run begun before a key was added to the schema: that key is the default it trained with
+        then = from_dict(then).to_dict()
+    except ValueError:
+        pass  # a key this version does not know: compared as written, and reported below
     # out may be named another way (relative, absolute, a moved folder): the folder itself is the run
     diff = _config_diff({**then, "out": None}, {**config.to_dict(), "out": None})
     for key in allow_change:
