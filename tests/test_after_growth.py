@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from deepen.cli import main
-from deepen.config import load_config
+from deepen.config import load_config, stage_span
 from deepen.dpo import run_dpo, stage_results
 from deepen.instruct import collate, encode, encoded, load_examples
 from deepen.merge import merge, merge_tensor, slerp
@@ -107,14 +107,22 @@ def test_dpo_and_sdpo(small_llama_path, tmp_path):
     assert run.first["reward_margin"] == 0 and run.first["preference_accuracy"] == 0  # the reference itself
     assert run.records[1]["loss"] == pytest.approx(math.log(2), rel=1e-5)  # step 1 starts at the reference
     assert run.last["preference_accuracy"] > 0.5 and run.last["reward_margin"] > 0
-    two = run_dpo(stage(small_llama_path, tmp_path / "sdpo", "dpo", "math-pairs", "train.steps=4"), stages=2,
+    two = run_dpo(stage(small_llama_path, tmp_path / "sdpo", "dpo", "math-pairs", "train.steps=5"), stages=2,
                   progress=False)
     first, second = stage_results(tmp_path / "sdpo", 2)
-    assert two == tmp_path / "sdpo" / "stage-2" / "model" and first.steps == second.steps == 2
+    assert two == tmp_path / "sdpo" / "stage-2" / "model" and [first.steps, second.steps] == [2, 3]  # all 5 steps
     assert second.config["model"] == str(tmp_path / "sdpo" / "stage-1" / "model")  # stage 1's result ...
     assert second.first["reward_margin"] == 0  # ... is stage 2's reference
     assert second.first["ppl_general"] == pytest.approx(first.last["ppl_general"], rel=1e-6)
     assert first.config["dpo"] == {"beta": 0.1, "stages": 2, "stage": 0} and second.config["dpo"]["stage"] == 1
+
+
+def test_sdpo_stages_share_the_pairs_and_steps_whole():
+    for n in range(0, 30):
+        for stages in range(1, 7):
+            spans = [stage_span(n, stages, k) for k in range(stages)]
+            assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert max(e - b for b, e in spans) - min(e - b for b, e in spans) <= 1
 
 
 def test_a_dpo_run_resumes_exactly(small_llama_path, tmp_path):

@@ -189,6 +189,8 @@ def test_micro_batch_is_the_largest_that_divides_each_process_share():
 def test_bad_configs_fail_before_any_work_naming_the_key(base, tmp_path):
     with pytest.raises(ValueError, match="unknown key 'train.stepz'"):
         config(base, tmp_path / "run", "train.stepz=3")
+    with pytest.raises(ValueError, match="data.max_examples must be at least 1"):
+        config(base, tmp_path / "run", "data.max_examples=0")
     with pytest.raises(ValueError, match="method llama-pro trains only the layers a plan added"):
         train(load_config(None, [f"model={base}", f"out={tmp_path / 'run'}"]), progress=False)
     with pytest.raises(FileNotFoundError, match="data.domain='no-such-corpus'"):

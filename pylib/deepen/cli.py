@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, list(args.overrides) + objective + ([f"method={args.method}"] if args.method
                                                                          else []))
     if args.command == "dpo":
-        out = run_dpo(config, args.stages)
+        out = run_dpo(config, args.stages, allow_change=args.allow_change)
     else:
         out = train(config, allow_change=args.allow_change)
     if not PartialState().is_main_process:

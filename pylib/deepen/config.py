@@ -158,6 +158,12 @@ def batch_layout(global_batch: int, micro_batch: int, processes: int) -> tuple[i
     return per_process, micro, per_process // micro
 
 
+def stage_span(n: int, stages: int, stage: int) -> tuple[int, int]:
+    """Where sDPO stage `stage` of `stages` starts and ends in n items (its steps, or its pairs): the shares differ
+    by at most one and together cover all n."""
+    return stage * n // stages, (stage + 1) * n // stages
+
+
 def _build(cls, data, where: str):
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
@@ -243,6 +249,9 @@ def check(config: RunConfig) -> RunConfig:
                          f"lr={t.lr}, warmup={t.warmup}, min_lr_ratio={t.min_lr_ratio}")
     if config.data.seq_len < 2:
         raise ValueError(f"data.seq_len must be at least 2, got {config.data.seq_len}")
+    if config.data.max_examples is not None and config.data.max_examples < 1:
+        raise ValueError(f"data.max_examples must be at least 1 (or null: as many as the steps need), got "
+                         f"{config.data.max_examples}")
     return config
 
 

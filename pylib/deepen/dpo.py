@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from deepen.config import RunConfig, check
+from deepen.config import RunConfig, check, stage_span
 from deepen.runs import RunResult
 from deepen.train import train
 
@@ -22,9 +22,10 @@ def stage_folders(out: str | Path, stages: int) -> list[Path]:
     return [out] if stages == 1 else [out / f"stage-{k + 1}" for k in range(stages)]
 
 
-def run_dpo(config: RunConfig, stages: int | None = None, *, progress: bool = True) -> Path:
-    """Train DPO (stages 1) or sDPO (stages K: config.train.steps split evenly over the K stages, so both see the
-    same pairs for the same number of steps); returns the last stage's model folder. Rerunning resumes."""
+def run_dpo(config: RunConfig, stages: int | None = None, *, progress: bool = True, allow_change=()) -> Path:
+    """Train DPO (stages 1) or sDPO (stages K: config.train.steps and the pairs split over the K stages, shares
+    differing by at most one, so both see the same pairs for the same number of steps); returns the last stage's
+    model folder. Rerunning resumes; `allow_change` as for `train` (each stage's saved config)."""
     stages = stages or config.dpo.stages
     config = check(dataclasses.replace(config, objective="dpo", dpo=dataclasses.replace(config.dpo, stages=stages,
                                                                                         stage=0)))
@@ -35,11 +36,16 @@ def run_dpo(config: RunConfig, stages: int | None = None, *, progress: bool = Tr
         stage = dataclasses.replace(
             config, model=model, grow=grow if k == 0 else None, out=str(folder),
             dpo=dataclasses.replace(config.dpo, stage=k),
-            train=dataclasses.replace(config.train, steps=config.train.steps // stages))
+            train=dataclasses.replace(config.train, steps=_steps(config.train.steps, stages, k)))
         if progress and stages > 1:
             print(f"sDPO stage {k + 1} of {stages}: the reference is {model}", flush=True)
-        model = str(train(stage, progress=progress))
+        model = str(train(stage, progress=progress, allow_change=allow_change))
     return Path(model)
+
+
+def _steps(steps: int, stages: int, stage: int) -> int:
+    begin, end = stage_span(steps, stages, stage)
+    return end - begin
 
 
 def stage_results(out: str | Path, stages: int) -> list[RunResult]:

@@ -27,7 +27,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from deepen.batches import heldout_blocks, streams, training_batches
-from deepen.config import RECIPES, RunConfig, batch_layout, check, from_dict, recipe
+from deepen.config import RECIPES, RunConfig, batch_layout, check, from_dict, recipe, stage_span
 from deepen.data import revisions, tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
 from deepen.instruct import ExampleBatches, encoded, load_examples, pad_id
@@ -355,8 +355,11 @@ def _examples(config: RunConfig, tokenizer, general: torch.Tensor) -> tuple[Exam
     kind = "instructions" if config.objective == "sft" else "pairs"
     examples = load_examples(d.domain, kind, "train")
     if config.dpo.stages > 1:
-        size = len(examples) // config.dpo.stages
-        examples = examples[config.dpo.stage * size:(config.dpo.stage + 1) * size]
+        if len(examples) < config.dpo.stages:
+            raise ValueError(f"{len(examples)} preference pairs in {d.domain!r} cannot be split over "
+                             f"{config.dpo.stages} sDPO stages")
+        begin, end = stage_span(len(examples), config.dpo.stages, config.dpo.stage)
+        examples = examples[begin:end]
     examples = examples[:d.max_examples or t.steps * t.global_batch]
     rows = encoded(tokenizer, examples, d.template, d.seq_len, kind)
     held = load_examples(d.domain, kind, "heldout")[:t.eval_batches * t.global_batch]
