@@ -247,3 +247,15 @@ def test_two_processes_read_their_own_streams_and_train_as_one(base, big_shards,
     assert two[-1]["ppl_domain"] == pytest.approx(one[-1]["ppl_domain"], rel=1e-5)
     saved = sorted(p.name for p in (tmp_path / "two").rglob("rank-*.json"))
     assert not saved  # the finished run removed its checkpoints
+
+
+def test_a_corpus_too_small_for_its_streams_stops_every_process_alike(tmp_path, tokenizer):
+    """15 training documents cannot fill 16 streams: only stream 15, process 1's, is empty, yet each process says so
+    before any work (process 0 going on would wait forever for process 1, which stopped)."""
+    small = next(path for n in range(15, 40) if len(documents(path := write_jsonl(tmp_path / f"{n}.jsonl", n, 0,
+                                                                                   start=1))) == 15)
+    data = DataConfig(domain=small, seq_len=16)
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match="too few documents for 16 streams"):
+            deepen.batches.StreamedBatches(small, tokenizer, data, 16, 0, rank=rank, world=2)
+    assert deepen.batches.StreamedBatches(small, tokenizer, data, 2, 0, rank=1, world=2).count == 2

@@ -111,12 +111,15 @@ class StreamedBatches:
                                        window=window, max_tokens=max_tokens, text_column=data.text_column,
                                        on_pass=lambda k, documents, tokens, s=s: self._passed(s, k, documents, tokens))
                         for s in range(self.count) if s % world == rank}
-        for stream in self.streams.values():  # fails early on a bad corpus, reading one document of each part
-            for reader in stream.readers:
-                probe = PartReader(reader.part, "train", reader.stream, reader.streams, seed, False, reader.column)
-                if probe.next_text() is None:
-                    raise ValueError(f"corpus {reader.part.name!r} has no documents in stream {reader.stream} of its "
-                                     f"train split")
+        # fails early on a bad corpus, reading one document of each part in every stream — on every process, its
+        # own streams or not, so all of them stop alike (none waits in a collective for one that stopped)
+        parts = [(reader.part, reader.column) for reader in next(iter(self.streams.values())).readers]
+        for s in range(self.count):
+            for part, column in parts:
+                if PartReader(part, "train", s, self.count, seed, False, column).next_text() is None:
+                    raise ValueError(f"corpus {part.name!r} has too few documents for {self.count} streams (none in "
+                                     f"stream {s} of its train split); add documents, or lower train.global_batch "
+                                     f"(streams = gcd(global_batch, 16))")
         self.seq_len = data.seq_len
 
     def _passed(self, stream: int, k: int, documents: int, tokens: int) -> None:
