@@ -250,10 +250,14 @@ def test_two_processes_read_their_own_streams_and_train_as_one(base, big_shards,
 
 
 def test_a_corpus_too_small_for_its_streams_stops_every_process_alike(tmp_path, tokenizer):
-    """15 training documents cannot fill 16 streams: only stream 15, process 1's, is empty, yet each process says so
+    """A corpus too small for 16 streams, whose empty streams all belong to process 1 of 2: each process says so
     before any work (process 0 going on would wait forever for process 1, which stopped)."""
-    small = next(path for n in range(15, 40) if len(documents(path := write_jsonl(tmp_path / f"{n}.jsonl", n, 0,
-                                                                                   start=1))) == 15)
+
+    def empty(path):
+        return {s for s in range(16) if not documents(path, stream=s, streams=16)}
+
+    small = next(path for n in range(8, 60) if (gaps := empty(path := write_jsonl(tmp_path / f"{n}.jsonl", n, 0)))
+                 and all(s % 2 for s in gaps))
     data = DataConfig(domain=small, seq_len=16)
     for rank in (0, 1):
         with pytest.raises(ValueError, match="too few documents for 16 streams"):
