@@ -45,7 +45,7 @@ from huggingface_hub import HfApi
 
 from deepen.config import Corpus
 
-from deepen.models import cache_dir
+from deepen.models import cache_dir, is_hub_id
 from deepen.manifest import atomic_folder
 
 BUILTINS = ("general", "wiki", "code", "math")
@@ -432,7 +432,7 @@ def _load_part(part: Corpus, split: str, seed: int, hub_documents: int) -> datas
         ids, texts = _math(seed)
     elif files := local_files(name):
         ids, texts = _load_local(files, part.name, part.text_column)
-    elif "/" in name and not Path(name).is_absolute() and not name.startswith("."):
+    elif is_hub_id(name):
         ids, texts = _load_hub(part, hub_documents)
     else:
         raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
@@ -576,11 +576,15 @@ def pack(dataset: datasets.Dataset, tokenizer, seq_len: int, max_tokens: int | N
 # ---------------------------------------------------------------- hub names (deepen.stream streams them)
 
 
+def names_hub_dataset(name: str) -> bool:
+    """Whether a corpus part's name can only mean a hub dataset: not a built-in, not a local file, folder or glob,
+    but a name like "user/dataset" (deepen.models.is_hub_id, the one rule for hub names)."""
+    return name not in BUILTINS and local_files(name) is None and is_hub_id(name)
+
+
 def is_hub_name(spec) -> bool:
-    """Whether `load_corpus` reads a corpus spec from the hub: a part that is not a built-in, not a local file,
-    folder or glob, but a name like "user/dataset". A mixture is a hub corpus if any part is."""
-    return any(p.name not in BUILTINS and local_files(p.name) is None and "/" in p.name
-               and not Path(p.name).is_absolute() and not p.name.startswith(".") for p in corpus_parts(spec))
+    """Whether `load_corpus` reads a corpus spec from the hub. A mixture is a hub corpus if any part is."""
+    return any(names_hub_dataset(p.name) for p in corpus_parts(spec))
 
 
 def hub_offline_error(name) -> RuntimeError:

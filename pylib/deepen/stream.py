@@ -27,7 +27,7 @@ import torch
 
 from deepen.config import Corpus
 from deepen.data import (BUILTINS, BlockCutter, corpus_parts, file_format, hub_offline_error, is_heldout,
-                         load_corpus, local_files)
+                         load_corpus, local_files, names_hub_dataset)
 
 MAX_STREAMS = 16  # streams per corpus: any process count dividing it (1, 2, 4, 8, 16) reads the same global batches
 SHUFFLE_BLOCKS = 1_024  # blocks in the shuffle windows of all streams together (1024 x 4096 int64 tokens = 32 MB)
@@ -50,7 +50,7 @@ def part_files(part: Corpus) -> tuple[str, list[str]]:
         return "builtin", [name]
     if files := local_files(name):
         return file_format(files, name), files
-    if "/" not in name or name.startswith((".", "/", "~")):
+    if not names_hub_dataset(name):
         raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
                                 f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
     if datasets.config.HF_HUB_OFFLINE:
