@@ -34,8 +34,9 @@ notebooks: $(STAMP)
 reproduce: $(STAMP)
 	$(OFFLINE) $(PY) -m deepen reproduce
 
+# As root (containers, lab machines) JupyterLab refuses to start without --allow-root.
 lab: $(STAMP)
-	$(PY) -m jupyter lab notebooks
+	$(PY) -m jupyter lab notebooks $$(test "$$(id -u)" = 0 && echo --allow-root)
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do $(OFFLINE) $(PY) $$f || exit 1; done

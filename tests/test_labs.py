@@ -293,6 +293,8 @@ def test_summary_lists_every_result(capsys):
     assert lines[0].startswith("✓ dus_plan") and lines[1].startswith("✗ new_layers  fail")
     assert lines[-1] == "1 of 2 exercises pass"
     assert [r["status"] for r in checks.results()] == ["pass", "fail"]
+    long = "the answer has the right shape but its values differ from the reference everywhere past position " * 3
+    assert checks._first_line(long).endswith(" position ...") and len(checks._first_line(long)) <= 100  # at a word
 
 
 # ---------------------------------------------------------------- grading notebooks

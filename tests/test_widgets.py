@@ -7,8 +7,8 @@ import yaml
 
 from deepen import budget as B
 from deepen.config import load_config
-from deepen.widgets import (NO_RUNS, attention_explorer, plan_explorer, results_explorer, rope_scores, runs_folder,
-                            setting_label)
+from deepen.widgets import (NO_RUNS, attention_explorer, method_label, plan_explorer, results_explorer, rope_scores,
+                            runs_folder, setting_label)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,11 @@ def test_plan_explorer_defaults_counts_and_memory_at_7b():
     assert explorer.plan.n_layers == 10 and "8 -> 10 layers" in explorer.summary
     explorer.controls["groups"].value = 3
     assert explorer.plan is None and explorer.summary.startswith("no plan: groups=3")
+    explorer.controls["method"].value = "dus"  # the drop slider offers only what 8 layers allow: 0 .. 3
+    assert explorer.controls["drop"].max == 3 and explorer.controls["drop"].value == 3
+    assert explorer.plan.n_layers == 10  # [0, 5) + [3, 8)
+    explorer.controls["shape"].value = "llama2-7b"
+    assert explorer.controls["drop"].max == 15 and explorer.controls["group"].max == 16
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +64,10 @@ def test_attention_explorer_default_and_controls(attention):
 
     attention.controls["distance"].value = 40
     assert len(attention.rope) == 4 * 40 + 1 and "at distance 40" in attention.summary
+    notes = [t.get_text() for t in attention.figure.axes[1].texts]
+    assert not any("band" in t for t in notes)  # pair 0 turns every 6.3 tokens: 160 tokens still draw as a line
+    attention.controls["distance"].value = 400
+    assert any("pair 0 turns once every 6.3 tokens" in t.get_text() for t in attention.figure.axes[1].texts)
 
 
 def test_rope_scores_are_cosines_of_the_angles():
@@ -131,6 +140,9 @@ def test_results_explorer_final_numbers(two_runs):
     explorer.controls["view"].value = "forgetting vs gain"
     assert sorted(explorer.data["gain"]) == [10.0, 50.0] and explorer.controls["metric"].disabled
     assert explorer.figure.axes[0].get_xscale() == "log"
+    legend = explorer.figure.axes[0].get_legend()
+    assert legend.get_bbox_to_anchor().x0 > explorer.figure.axes[0].get_window_extent().x1  # beside, not over
+    assert 'white-space:pre' in explorer.output.value  # the table never wraps a row
 
 
 def test_results_explorer_without_runs(tmp_path):
@@ -146,6 +158,8 @@ def test_setting_labels_and_the_runs_folder(tmp_path, monkeypatch):
     assert setting_label({"method": "full", "grow": {"method": "dus", "drop": 2}}) == "full, grow dus(drop=2)"
     assert setting_label({"method": "full", "data": {"domain": "general"}}) == "full, on general"  # not the code run
     assert setting_label({"method": "full", "data": {"domain": "code"}}) == "full"
+    assert method_label({"method": "full", "data": {"domain": "general"}}) == "full, on general"  # its own colour
+    assert method_label({"method": "llama-pro"}) == "llama-pro"
     monkeypatch.chdir(tmp_path)  # as a notebook in notebooks/: a relative folder is read from the repository
     assert runs_folder("tests") == ROOT / "tests"
     assert runs_folder("no-such-runs") == Path("no-such-runs")

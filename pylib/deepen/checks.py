@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import numbers
+import textwrap
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -979,13 +980,18 @@ def passed(*names: str) -> bool:
     return all(name in RESULTS and RESULTS[name].status == "pass" for name in names)
 
 
+def _first_line(feedback: str, width: int = 100) -> str:
+    """A reason's first line, shortened at a word (never mid-word) when it is long."""
+    return textwrap.shorten((feedback.splitlines() or [""])[0], width, placeholder=" ...")
+
+
 def summary() -> None:
     """Print the table of this kernel's results: one line per exercise."""
     if not RESULTS:
         text = "no checks have run yet"
     else:
         width = max(len(name) for name in RESULTS)
-        lines = [f"{MARKS[r.status]} {r.name:<{width}}  {r.status:<8}  {r.feedback.splitlines()[0][:90]}"
+        lines = [f"{MARKS[r.status]} {r.name:<{width}}  {r.status:<8}  {_first_line(r.feedback)}"
                  for r in RESULTS.values()]
         done = sum(r.status == "pass" for r in RESULTS.values())
         text = "\n".join(lines + [f"{done} of {len(RESULTS)} exercises pass"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -185,12 +186,21 @@ class PlanExplorer(Explorer):
         super().__init__([widgets.HBox([widgets.VBox(boxes[:6]), widgets.VBox(boxes[6:])]), self.diagram,
                           self.output])
         self.controls["shape"].observe(self._shape_changed, "value")
+        self.controls["layers"].observe(lambda change: self._fit_to(change["new"]), "value")
+        self._fit_to(n)
         for control in boxes:
             control.observe(lambda _: self._update(), "value")
         self._update()
 
     def _shape_changed(self, change) -> None:
         self.controls["layers"].value = PRESETS[change["new"]].n_layers
+
+    def _fit_to(self, layers: int) -> None:
+        """Sliders that only offer what n layers allow: DUS drops 0 .. (n-1)//2, a half holds n//2 layers."""
+        for name, top in (("drop", max(0, (layers - 1) // 2)), ("group", max(1, layers // 2))):
+            control = self.controls[name]
+            control.value = min(control.value, top)
+            control.max = top
 
     def _update(self) -> None:
         values = {k: c.value for k, c in self.controls.items()}
@@ -310,6 +320,12 @@ class AttentionExplorer(Explorer):
         sns.lineplot(data=self.rope.melt("distance", var_name="q = k", value_name="score"), x="distance",
                      y="score", hue="q = k", ax=right)
         right.axvline(distance, color="grey", ls="--", lw=1)
+        wavelength = 2 * math.pi * c.rope_theta ** (2 * pair / c.head_dim)  # tokens per turn of pair i
+        if wavelength < span / 40:  # too many turns to draw as a line: say what the band is
+            right.text(0.02, 0.04, f"pair {pair} turns once every {wavelength:,.1f} tokens: at this range its curve is "
+                       f"a band\n(lower the distance, or pick a higher pair, to see the cosine)",
+                       transform=right.transAxes, fontsize=8, va="bottom",
+                       bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
         sns.move_legend(right, "upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, title=None, frameon=False)
         right.set(title=f"RoPE: score of identical q, k (head_dim {c.head_dim}, theta {c.rope_theta:,.0f})",
                   xlabel="distance m - n (tokens)", ylabel=r"$\langle R_m q, R_n q\rangle \,/\, \|q\|^2$")
@@ -355,6 +371,17 @@ def grow_label(config: dict) -> str:
     return f"{method}({', '.join(f'{k}={grow[k]}' for k in USES.get(method, ()) if grow.get(k) is not None)})"
 
 
+def _on_domain(label: str, config: dict) -> str:
+    domain = (config.get("data") or {}).get("domain")
+    return f"{label}, on {domain}" if domain and domain != "code" else label  # code: the built-in default domain
+
+
+def method_label(config: dict) -> str:
+    """The run's method, with the domain it trained on when that is not the built-in code (a recovery run on
+    English is not coloured with the code runs)."""
+    return _on_domain(config.get("method", "?"), config)
+
+
 def setting_label(config: dict) -> str:
     """What a run trains, without its seed: the method (with LoRA's rank or the blocks it trains) and the grow,
     e.g. "llama-pro, grow llama-pro(groups=2, copies=1, placement=interleave)"; runs that differ only in their
@@ -365,9 +392,7 @@ def setting_label(config: dict) -> str:
     if method == "blocks":
         method += f" {config.get('blocks')}"
     grow = grow_label(config)
-    label = method if grow == "none" else f"{method}, grow {grow}"
-    domain = (config.get("data") or {}).get("domain")
-    return f"{label}, on {domain}" if domain and domain != "code" else label  # code: the built-in default domain
+    return _on_domain(method if grow == "none" else f"{method}, grow {grow}", config)
 
 
 def runs_folder(runs: str | Path) -> Path:
@@ -389,7 +414,7 @@ def read_runs(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     records, runs = [], []
     for result in find_runs(root):
         name = result.folder.relative_to(root).as_posix() if result.folder != root else root.name
-        run = {"run": name, "method": result.config.get("method", "?"), "grow": grow_label(result.config),
+        run = {"run": name, "method": method_label(result.config), "grow": grow_label(result.config),
                "setting": setting_label(result.config)}
         records.append(pd.DataFrame([{**run, **record} for record in result.records]))
         runs.append({**run, "steps": result.steps, "tokens": result.tokens, "loss": result.final_loss,
@@ -436,7 +461,7 @@ class ResultsExplorer(Explorer):
         self.summary = (f"{len(chosen)} of {len(self.runs)} runs under {self.shown}, final numbers; forgetting = "
                         f"general ppl after / the base's, gain = the base's domain ppl / after\n"
                         + table.to_string(float_format=lambda f: f"{f:,.0f}" if abs(f) >= 1000 else f"{f:.3g}"))
-        fig = Figure(figsize=(9, 5), layout="constrained")
+        fig = Figure(figsize=(11, 5), layout="constrained")
         ax = fig.subplots()
         if v["view"] == "curves":
             records = self.records[self.records["run"].isin(v["runs"])]
@@ -459,8 +484,12 @@ class ResultsExplorer(Explorer):
             ax.set(xscale="log", yscale="log", title="Gain against forgetting per run (upper left is better)",
                    xlabel="forgetting: general perplexity after / the base's",
                    ylabel="gain: the base's domain perplexity / after")
+        if ax.get_legend() is not None:  # beside the plot, never over the curves
+            entries = len(ax.get_legend().get_texts())
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), ncol=1 if entries <= 14 else 2,
+                            fontsize=8 if entries <= 14 else 6, title=v["by"], frameon=False)
         self._draw(fig)
-        self.output.value = f"<pre>{html.escape(self.summary)}</pre>"
+        self.output.value = f'<pre style="white-space:pre;overflow-x:auto">{html.escape(self.summary)}</pre>'
 
 
 def results_explorer(runs: str | Path = "runs/reproduce", **defaults) -> ResultsExplorer:
