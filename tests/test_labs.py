@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import math
+import re
 import runpy
 from pathlib import Path
 
@@ -470,4 +471,12 @@ def test_the_handout_holds_the_labs_without_solutions(tmp_path, capsys):
     solutions = [line for path in SOLUTIONS.glob("*.py") for line in read_solutions(path).values()]
     text = "".join(p.read_text() for p in out.glob("*.ipynb"))
     assert not any(code.strip() in text for code in solutions)  # no solution in what students receive
+    answers = re.split(r"^## (lab\d\d-q\d+)\n", (SOLUTIONS / "written.md").read_text(), flags=re.M)[1:]
+    answers = dict(zip(answers[::2], answers[1::2]))
+    questions = [c.metadata["question"] for path in LABS for c in nbformat.read(path, as_version=4).cells
+                 if c.metadata.get("question")]
+    assert sorted(questions) == sorted(answers) and len(questions) == len(LABS)  # one per lab, each answered
+    assert all(f"- {path.stem}: Written question" in readme for path in LABS)
+    assert not any(answer.split(".")[0] in text + readme for answer in answers.values())  # no model answer
+    assert not (out / "written.md").exists()
     assert main(["handout", str(out)]) == 2  # never over an existing folder

@@ -40,6 +40,7 @@ from deepen.manifest import atomic_folder
 
 EXERCISE = "exercise"  # the cell metadata key naming the exercise a cell holds
 POINTS = "points"  # the cell metadata key giving an exercise's points (default 1)
+QUESTION = "question"  # the cell metadata key naming a written question (model answers: tests/labs/solutions)
 CHECK_CALL = re.compile(r"\bcheck_(\w+)\s*\(")
 SECTION = re.compile(r"^# %% (\w+)\s*$", re.MULTILINE)
 FIELDS = ("notebook", "exercise", "status", "points", "feedback")
@@ -244,6 +245,7 @@ def handout(out: str | os.PathLike, labs: str | os.PathLike = LABS) -> Path:
     lines = ["# Labs", "", "Open each notebook in JupyterLab, fill every cell marked `# TODO`, and run the check "
              "under it. Hand in the notebooks under the names they have here.", "",
              "| lab | exercise | points |", "|---|---|---|"]
+    questions = []
     with atomic_folder(out) as tmp:
         for path in labs:
             nb = nbformat.read(path, as_version=4)
@@ -254,7 +256,12 @@ def handout(out: str | os.PathLike, labs: str | os.PathLike = LABS) -> Path:
                     raise ValueError(f"{path.name}: exercise {name} is not a TODO cell; hand out only pristine labs")
                 if name:
                     lines.append(f"| {path.stem} | {name} | {float(cell.metadata.get(POINTS, 1)):g} |")
+            questions += [f"- {path.stem}: {c.source.splitlines()[0].lstrip('# ')}" for c in nb.cells
+                          if c.metadata.get(QUESTION)]
             nbformat.write(nb, tmp / path.name)
+        if questions:
+            lines += ["", "Each lab also ends with a written question, answered in the cell under it and graded by "
+                      "your instructor (not by `deepen grade`):", "", *questions]
         (tmp / "README.md").write_text("\n".join(lines) + "\n")
     return Path(out)
 
