@@ -64,7 +64,21 @@ def heldout_blocks(corpus, tokenizer, seq_len: int, n_blocks: int | None = None,
     return torch.stack(blocks)
 
 
-class InMemoryBatches:
+class ResumedByStep:
+    """A batch source whose position is its step alone (it holds all its data and orders it by seed): nothing to
+    save in a checkpoint beyond the step."""
+
+    def position(self) -> dict:
+        return {}
+
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}
+
+    def restore(self, state: dict, tensors: dict) -> None:
+        pass
+
+
+class InMemoryBatches(ResumedByStep):
     """Global batches of the training blocks packed in memory: `batches`, every block once per epoch."""
 
     def __init__(self, blocks: torch.Tensor, global_batch: int, steps: int, seed: int):
@@ -78,15 +92,6 @@ class InMemoryBatches:
             next(stream)  # the data position of the checkpoint
         for batch in stream:
             yield batch[rank * per:(rank + 1) * per], batch.numel()
-
-    def position(self) -> dict:
-        return {}
-
-    def state(self) -> tuple[dict, dict]:
-        return {}, {}
-
-    def restore(self, state: dict, tensors: dict) -> None:
-        pass
 
 
 class StreamedBatches:

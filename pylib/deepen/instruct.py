@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepen.batches import batches
+from deepen.batches import ResumedByStep, batches
 from deepen.data import HELDOUT_FRACTION, SPLITS, hub_offline_error, is_heldout, math_problem, stdlib_sources
 
 # SOLAR's instruction tuning used an Alpaca-style template; "model" uses the tokenizer's own chat template.
@@ -267,7 +267,7 @@ def encoded(tokenizer, examples: list[Example], template: str, max_len: int, kin
     return out
 
 
-class ExampleBatches:
+class ExampleBatches(ResumedByStep):
     """Each process's share of the global batches of tokenised examples (instructions: one row each; pairs: a
     chosen and a rejected row each), every example once per epoch in a seeded order; resumable by step like
     deepen.batches.InMemoryBatches."""
@@ -283,15 +283,6 @@ class ExampleBatches:
             if step >= start:
                 rows = [self.rows[i] for i in picked.flatten().tolist()]
                 yield rows[rank * per:(rank + 1) * per], self.tokens(rows)
-
-    def position(self) -> dict:
-        return {}
-
-    def state(self) -> tuple[dict, dict]:
-        return {}, {}
-
-    def restore(self, state: dict, tensors: dict) -> None:
-        pass
 
     def tokens(self, rows: list) -> int:
         """Tokens the rows hold: an example's ids; a pair's chosen and rejected ids."""
