@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test test-slow notebooks lab bench bench-gpu reproduce clean
+.PHONY: venv demo test test-browser test-slow notebooks lab bench bench-gpu reproduce clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(OFFLINE) DEEPEN_PROFILE=tiny DEEPEN_FIGURES=$$(mktemp -d) $(PY) -m pytest -n 2 --nbmake tests notebooks
+
+# The notebooks' explorers as live ipywidgets in JupyterLab, driven in headless Chromium (tests/browser). Debian's
+# chromium and chromium-driver are installed with apt-get when missing (CHROMIUM, CHROMEDRIVER: other binaries).
+test-browser: $(STAMP)
+	@test -x "$${CHROMIUM:-/usr/bin/chromium}" -a -x "$${CHROMEDRIVER:-/usr/bin/chromedriver}" || { \
+	  echo "test-browser: installing chromium and chromium-driver with apt-get"; \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; } || { \
+	    echo "test-browser: FAILED to install chromium and chromium-driver with apt-get (needs root and Debian's" \
+	         "package archive); install them, or point CHROMIUM and CHROMEDRIVER at a Chromium and its driver" >&2; \
+	    exit 1; }; }
+	$(OFFLINE) DEEPEN_PROFILE=tiny DEEPEN_BROWSER=1 DEEPEN_FIGURES=$$(mktemp -d) \
+	  $(PY) -m pytest -p no:cacheprovider tests/browser
 
 test-slow: $(STAMP)
 	$(OFFLINE) DEEPEN_PROFILE=tiny DEEPEN_FIGURES=$$(mktemp -d) $(PY) -m pytest -n 2 -m slow tests

@@ -9,6 +9,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # pytest -n 2 on 2 cores: one thread per worker
 
+# tests/browser drives JupyterLab in a real browser: `pytest tests` (make test) leaves it out unless DEEPEN_BROWSER=1,
+# which `make test-browser` sets (naming tests/browser on the command line also runs it).
+collect_ignore = [] if os.environ.get("DEEPEN_BROWSER") == "1" else ["browser"]
+
 
 @pytest.fixture(scope="session")
 def small_llama_path(tmp_path_factory):
