@@ -37,6 +37,8 @@ CHECKS = {
     "dus_plan": ("lab03", "dus_layers"), "new_layers": ("lab03", "new_layers"),
     "freeze": ("lab04", "freeze_by_manifest"), "train_step": ("lab04", "train_step"),
     "dpo_loss": ("lab05", "dpo_loss"), "slerp": ("lab05", "slerp"),
+    "param_count": ("lab06", "param_count"), "train_flops": ("lab06", "train_flops"),
+    "state_memory": ("lab06", "state_memory"),
 }
 
 
@@ -261,6 +263,29 @@ MISTAKES = {
     "SLERP of the directions": (
         "slerp", lambda a, b, t: (lambda m: m / m.norm())(solution("lab05", "slerp")(a, b, t)), {}, "unit sphere"),
     "SLERP without a fallback": ("slerp", lambda a, b, t: _slerp_always(a, b, t), {}, "fall back to linear"),
+    "parameters without GQA": (
+        "param_count", lambda v, h, n, i, heads, kv, tied: solution("lab06", "param_count")(v, h, n, i, heads, heads,
+                                                                                          tied), {}, "grouped-query"),
+    "parameters without norms": (
+        "param_count", lambda v, h, n, i, heads, kv, tied: solution("lab06", "param_count")(v, h, n, i, heads, kv, tied)
+        - (2 * n + 1) * h, {}, "RMSNorm weights are missing"),
+    "parameters with a tied head counted": (
+        "param_count", lambda v, h, n, i, heads, kv, tied: solution("lab06", "param_count")(v, h, n, i, heads, kv,
+                                                                                          False), {}, "tied"),
+    "parameters of a two-matrix MLP": (
+        "param_count", lambda v, h, n, i, heads, kv, tied: solution("lab06", "param_count")(v, h, n, i, heads, kv, tied)
+        - n * h * i, {}, "three matrices"),
+    "parameters as a string": ("param_count", lambda *shape: "6.7B", {}, "expected a parameter count, a number"),
+    "FLOPs 6N everywhere": ("train_flops", lambda matmul, trainable: 6 * sum(matmul), {}, "6 FLOPs per parameter"),
+    "FLOPs without the backward through frozen stages": (
+        "train_flops", lambda matmul, trainable: sum(2 * p + (4 * p if t else 0) for p, t in zip(matmul, trainable)),
+        {}, "the gradient must pass through"),
+    "FLOPs per multiply-add": (
+        "train_flops", lambda matmul, trainable: solution("lab06", "train_flops")(matmul, trainable) / 2, {},
+        "a multiply and an add"),
+    "optimizer state not sharded": ("state_memory", lambda n, gpus: 16 * n / 1e9, {}, "not divided over the GPUs"),
+    "optimizer state of the moments only": ("state_memory", lambda n, gpus: 8 * n / gpus / 1e9, {}, "two moments"),
+    "optimizer state in GiB": ("state_memory", lambda n, gpus: 16 * n / gpus / 2 ** 30, {}, "GiB"),
 }
 
 

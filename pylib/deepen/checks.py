@@ -32,8 +32,10 @@ from typing import NoReturn
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from deepen import llama
+from deepen.budget import Stage, state_bytes, training_flops
 from deepen.grow import OUTPUT_PROJECTIONS, grow, layer_of, zero_output_projections
 from deepen.loop import train_step as reference_step
 from deepen.manifest import Manifest
@@ -945,6 +947,149 @@ def _slerp_with_raw_angle(a, b, t):
     return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
 
 
+# ---------------------------------------------------------------- lab 06: the budget by hand
+
+
+def _number(got, what: str) -> float:
+    """A student's count as a float: any real number, or a one-element tensor or array."""
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    elif hasattr(got, "item") and getattr(got, "size", None) == 1:  # a NumPy scalar or one-element array
+        got = got.item()
+    if isinstance(got, bool) or not isinstance(got, numbers.Real):
+        raise Wrong(f"returned {type(got).__name__} {got!r}; expected {what}, a number")
+    return float(got)
+
+
+def _same_number(got: float, want: float, mistakes: dict, case: str, unit: str = "") -> None:
+    if math.isclose(got, want, rel_tol=1e-9):
+        return
+    named = [why for why, wrong in mistakes.items() if not math.isclose(wrong, want, rel_tol=1e-9)
+             and math.isclose(got, wrong, rel_tol=1e-9)]
+    hint = f" — {named[0]}" if named else ""
+
+    def shown(x: float) -> str:
+        return f"{int(x):,}" if float(x).is_integer() else f"{x:,.6g}"  # counts exactly, never rounded
+
+    raise Wrong(f"{case}: expected {shown(want)}{unit}, got {shown(got)}{unit}{hint}")
+
+
+# (vocab, hidden, layers, intermediate, heads, kv_heads, tied): shapes of real models and an odd one
+PARAM_SHAPES = {"Llama-2-7B": (32000, 4096, 32, 11008, 32, 32, False),
+                "Mistral-7B": (32000, 4096, 32, 14336, 32, 8, False),
+                "SmolLM2-135M": (49152, 576, 30, 1536, 9, 3, True),
+                "an odd shape": (97, 48, 3, 80, 6, 2, False)}
+
+
+def _hf_param_count(vocab, hidden, layers, intermediate, heads, kv_heads, tied) -> int:
+    """The parameters of transformers' LlamaForCausalLM of that shape, built on the meta device (no memory)."""
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                         intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())  # a tied head is the embedding's tensor: counted once
+
+
+def _count(vocab, hidden, layers, intermediate, heads, kv_heads, tied, *, gqa=True, norms=True, final=True,
+           head=None, mlp=3) -> int:
+    """The count written out, with the switches the common mistakes flip."""
+    kv = hidden // heads * (kv_heads if gqa else heads)
+    block = 2 * hidden * hidden + 2 * hidden * kv + mlp * hidden * intermediate + (2 * hidden if norms else 0)
+    head = (not tied) if head is None else head
+    return vocab * hidden + layers * block + (hidden if final and norms else 0) + (vocab * hidden if head else 0)
+
+
+def check_param_count(param_count) -> Result:
+    """param_count(vocab, hidden, layers, intermediate, heads, kv_heads, tied) -> the parameters of a Llama of that
+    shape, against transformers' LlamaForCausalLM built on the meta device."""
+    return _check("param_count", _param_count, param_count)
+
+
+def _param_count(param_count) -> str:
+    for name, shape in PARAM_SHAPES.items():
+        want = _hf_param_count(*shape)
+        got = _number(_call(param_count, *shape), "a parameter count")
+        tied = shape[-1]
+        mistakes = {
+            "k_proj and v_proj at full width: with grouped-query attention each is hidden × kv_heads·head_dim":
+                _count(*shape, gqa=False),
+            "the RMSNorm weights are missing: two of size hidden per block, and the final norm": _count(*shape, norms=False),
+            "the final RMSNorm (hidden weights, after the last block) is missing": _count(*shape, final=False),
+            ("the output head counted though it is tied to the embeddings (one tensor, counted once)" if tied else
+             "the output head is missing: untied, it is a vocab × hidden matrix of its own"): _count(*shape, head=tied),
+            "the MLP has three matrices (gate_proj, up_proj, down_proj), each hidden × intermediate": _count(*shape, mlp=2),
+        }
+        _same_number(got, want, mistakes, f"{name} {shape}")
+    return f"equals transformers' LlamaForCausalLM on {len(PARAM_SHAPES)} shapes, e.g. Llama-2-7B " \
+           f"{_hf_param_count(*PARAM_SHAPES['Llama-2-7B']):,}"
+
+
+def _flops_reference(matmul: list[int], trainable: list[bool]) -> float:
+    stages = [Stage(f"stage {k}", p, p if t else 0, p, p if t else 0) for k, (p, t) in enumerate(zip(matmul, trainable))]
+    return training_flops(stages).model
+
+
+def check_train_flops(train_flops) -> Result:
+    """train_flops(matmul, trainable) -> training FLOPs per token of a model whose stages (bottom to top) hold
+    matmul[k] parameters that multiply activations and learn when trainable[k], attention scores left out;
+    against deepen.budget.training_flops."""
+    return _check("train_flops", _train_flops, train_flops)
+
+
+def _train_flops(train_flops) -> str:
+    g = _seeded(6)
+    cases = [([100] * 8, [True] * 8, "everything trainable"), ([100] * 8, [False] * 8, "nothing trainable"),
+             ([100, 100, 150, 100, 100, 150, 300], [False, False, True, False, False, True, False],
+              "two new blocks among frozen ones, a frozen head"),
+             ([int(v) for v in torch.randint(10, 1000, (12,), generator=g)],
+              [bool(v) for v in torch.randint(0, 2, (12,), generator=g)], "12 stages at random")]
+    for matmul, trainable, case in cases:
+        want = _flops_reference(matmul, trainable)
+        got = _number(_call(train_flops, list(matmul), list(trainable)), "FLOPs per token")
+        first = next((k for k, t in enumerate(trainable) if t), len(matmul))
+        above = sum(matmul[first:])
+        mine = sum(p for p, t in zip(matmul, trainable) if t)
+        mistakes = {
+            "6 FLOPs per parameter everywhere: only stages at or above the first trainable one run a backward, and "
+            "only trainable ones compute weight gradients": 6 * sum(matmul),
+            "no backward through the frozen stages above the first trainable one: the gradient must pass through "
+            "them (2 FLOPs per parameter) to reach the trainable stages below": 2 * sum(matmul) + 4 * mine,
+            "weight gradients for frozen stages: only trainable weights get their 2 FLOPs per parameter":
+                2 * sum(matmul) + 4 * above,
+            "one FLOP per multiply-add: a multiply and an add are 2 FLOPs (forward 2 per parameter)":
+                want / 2,
+        }
+        _same_number(got, want, mistakes, case, " FLOPs")
+    return f"equals deepen.budget.training_flops on {len(cases)} models (frozen, trainable, mixed)"
+
+
+def check_state_memory(state_memory) -> Result:
+    """state_memory(trainable, gpus) -> GB (1e9 bytes) per GPU that AdamW training in mixed precision keeps for
+    the trainable parameters under FSDP (fp32 weight, gradient, two moments; sharded over the GPUs), against
+    deepen.budget.state_bytes."""
+    return _check("state_memory", _state_memory, state_memory)
+
+
+def _state_memory(state_memory) -> str:
+    per = sum(state_bytes("fsdp", "bf16").values())
+    cases = [(1_619_066_880, 8), (8_357_482_496, 8), (6_738_415_616, 1), (134_515_008, 4)]
+    for trainable, gpus in cases:
+        want = per * trainable / gpus / 1e9
+        got = _number(_call(state_memory, trainable, gpus), "GB per GPU")
+        mistakes = {
+            "not divided over the GPUs: FSDP shards every state across them": per * trainable / 1e9,
+            "12 bytes per parameter: the fp32 gradient (4 bytes) is missing": 12 * trainable / gpus / 1e9,
+            "8 bytes per parameter: only AdamW's two moments; the fp32 weight and gradient are kept too":
+                8 * trainable / gpus / 1e9,
+            "2 bytes per parameter (bf16 weights only): training keeps 16 bytes per trainable parameter":
+                2 * trainable / gpus / 1e9,
+            "GiB (2**30 bytes) instead of GB (1e9 bytes, as GPUs are sold)": per * trainable / gpus / 2 ** 30,
+        }
+        _same_number(got, want, mistakes, f"{trainable:,} trainable on {gpus} GPUs", " GB")
+    return f"equals deepen.budget's {per} bytes per trainable parameter, sharded, on {len(cases)} cases"
+
+
 # ---------------------------------------------------------------- what each exercise must not just call
 
 # deepen's own implementation of each exercise: an answer that calls one of these does not pass (deepen grade
@@ -964,6 +1109,9 @@ IMPLEMENTS = {
     "train_step": ("deepen.loop:train_step", "deepen.loop:train_steps"),
     "dpo_loss": ("deepen.objectives:dpo_loss",),
     "slerp": ("deepen.merge:slerp", "deepen.merge:merge_tensor", "deepen.merge:lerp"),
+    "param_count": ("deepen.budget:shape_of", "deepen.budget:meta_model", "deepen.budget:budget"),
+    "train_flops": ("deepen.budget:training_flops",),
+    "state_memory": ("deepen.budget:state_bytes", "deepen.budget:memory"),
 }
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional
 import torch.testing
 import transformers.models.llama.modeling_llama  # noqa: F401 — the checks' models, loaded before the snapshot
 
-from deepen import checks, grow, llama, loop, merge, objectives, plan, trainable
+from deepen import budget, checks, grow, llama, loop, merge, objectives, plan, trainable
 
 
 class Timeout(BaseException):
@@ -41,10 +41,10 @@ TORCH_COMPARISONS = ("equal", "allclose", "isclose", "isnan", "isfinite", "all",
 
 
 def _watched():
-    modules = [checks, llama, plan, grow, trainable, loop, objectives, merge, torch.nn.functional, torch.testing,
-               math, builtins, sys]
+    modules = [checks, llama, plan, grow, trainable, loop, objectives, merge, budget, torch.nn.functional,
+               torch.testing, math, builtins, sys]
     classes = [torch.Tensor, torch.nn.Module, llama.RMSNorm, llama.Attention, llama.MLP, llama.Block, plan.Plan,
-               checks.Result]
+               checks.Result, checks.LlamaForCausalLM, checks.LlamaConfig]
     return modules, classes
 
 
