@@ -300,7 +300,8 @@ def _write_safetensors(path: Path, items) -> None:
                 raise CheckpointError(f"wrote {written} bytes for {name!r}, expected {nbytes}")
 
 
-def _write_all(fd: int, data) -> None:
+def write_all(fd: int, data) -> None:
+    """Write all of `data` (a buffer) to the raw descriptor `fd`, however many calls os.write takes."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -350,7 +351,7 @@ class _Copier:
             data = os.pread(fd, n, offset)
             done = len(data)
             self.buffer[:done] = data
-        _write_all(out, self.buffer[:done])
+        write_all(out, self.buffer[:done])
         return done
 
     def skip_zeros(self, nbytes: int, out: int) -> None:
@@ -426,7 +427,7 @@ def write_shards(folder: Path, tensors: list[TensorInfo], write, max_bytes: int)
         fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             header = _header_bytes([(t.name, t.dtype, t.shape, t.nbytes) for t in part])
-            _write_all(fd, header)
+            write_all(fd, header)
             for t in part:
                 write(t, fd)
             os.ftruncate(fd, len(header) + sum(t.nbytes for t in part))

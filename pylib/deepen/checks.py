@@ -1011,14 +1011,17 @@ def _param_count(param_count) -> str:
         want = _hf_param_count(*shape)
         got = _number(_call(param_count, *shape), "a parameter count")
         tied = shape[-1]
+        head = ("the output head counted though it is tied to the embeddings (one tensor, counted once)" if tied
+                else "the output head is missing: untied, it is a vocab × hidden matrix of its own")
         mistakes = {
             "k_proj and v_proj at full width: with grouped-query attention each is hidden × kv_heads·head_dim":
                 _count(*shape, gqa=False),
-            "the RMSNorm weights are missing: two of size hidden per block, and the final norm": _count(*shape, norms=False),
+            "the RMSNorm weights are missing: two of size hidden per block, and the final norm":
+                _count(*shape, norms=False),
             "the final RMSNorm (hidden weights, after the last block) is missing": _count(*shape, final=False),
-            ("the output head counted though it is tied to the embeddings (one tensor, counted once)" if tied else
-             "the output head is missing: untied, it is a vocab × hidden matrix of its own"): _count(*shape, head=tied),
-            "the MLP has three matrices (gate_proj, up_proj, down_proj), each hidden × intermediate": _count(*shape, mlp=2),
+            head: _count(*shape, head=tied),  # tied: a head counted; untied: the head left out
+            "the MLP has three matrices (gate_proj, up_proj, down_proj), each hidden × intermediate":
+                _count(*shape, mlp=2),
         }
         _same_number(got, want, mistakes, f"{name} {shape}")
     return f"equals transformers' LlamaForCausalLM on {len(PARAM_SHAPES)} shapes, e.g. Llama-2-7B " \
@@ -1026,7 +1029,8 @@ def _param_count(param_count) -> str:
 
 
 def _flops_reference(matmul: list[int], trainable: list[bool]) -> float:
-    stages = [Stage(f"stage {k}", p, p if t else 0, p, p if t else 0) for k, (p, t) in enumerate(zip(matmul, trainable))]
+    stages = [Stage(f"stage {k}", p, p if t else 0, p, p if t else 0)
+              for k, (p, t) in enumerate(zip(matmul, trainable))]
     return training_flops(stages).model
 
 

@@ -34,6 +34,7 @@ TRAIN_METHODS = ("llama-pro", "full", "lora", "blocks")
 # What a run learns: lm (continual pretraining, next token on packed text), sft (instruction tuning: the response
 # tokens of instruction examples), dpo (preference pairs; sDPO with dpo.stages > 1).
 OBJECTIVES = ("lm", "sft", "dpo")
+TEMPLATES = ("alpaca", "model")  # sft/dpo: SOLAR's Alpaca-style template, or the tokenizer's own chat template
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -218,8 +219,8 @@ def check(config: RunConfig) -> RunConfig:
         raise ValueError(f"method={config.method!r} is not one of {', '.join(TRAIN_METHODS)}")
     if config.objective not in OBJECTIVES:
         raise ValueError(f"objective={config.objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if config.data.template not in ("alpaca", "model"):
-        raise ValueError(f"data.template={config.data.template!r} is not one of alpaca, model")
+    if config.data.template not in TEMPLATES:
+        raise ValueError(f"data.template={config.data.template!r} is not one of {', '.join(TEMPLATES)}")
     if config.dpo.stages < 1 or not 0 <= config.dpo.stage < config.dpo.stages or not config.dpo.beta > 0:
         raise ValueError(f"need dpo.beta > 0, dpo.stages >= 1 and 0 <= dpo.stage < dpo.stages; got beta="
                          f"{config.dpo.beta}, stages={config.dpo.stages}, stage={config.dpo.stage}")

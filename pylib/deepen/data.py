@@ -400,9 +400,10 @@ def load_corpus(name, split: str = "train", *, text_column: str = "text", max_do
 
     name: a corpus spec (`corpus_parts`): "general", "wiki", "code" or "math" (built-ins); a local file, folder or
         glob (text: one file is one document, or one paragraph when there is a single file; .json/.jsonl,
-        compressed too, or .parquet: one record is one document, read from `text_column`); else a hub dataset "user/name" or "user/name:config"
-        (its first `hub_documents` documents, streamed); a weighted mixture "name:weight,name:weight" or a list
-        of Corpus records (config, data_dir, split, text column, revision per part).
+        compressed too, or .parquet: one record is one document, read from `text_column`); else a hub dataset
+        "user/name" or "user/name:config" (its first `hub_documents` documents, streamed); a weighted mixture
+        "name:weight,name:weight" or a list of Corpus records (config, data_dir, split, text column, revision per
+        part).
     split: "train" or "heldout" (the part's heldout_fraction of the documents, chosen by a hash of their ids;
         heldout_fraction, when given, overrides every part's).
     max_documents: keep only the first documents of the split (for quick runs).
@@ -652,7 +653,7 @@ def revisions(spec) -> dict[str, str | None]:
     current commit when the hub can be reached (None offline) — recorded in a run's metrics at step 0."""
     out = {}
     for part in corpus_parts(spec):
-        if not is_hub_name(part.name):
+        if not names_hub_dataset(part.name):
             continue
         sha = part.revision
         if sha is None and not datasets.config.HF_HUB_OFFLINE:

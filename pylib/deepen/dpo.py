@@ -33,19 +33,15 @@ def run_dpo(config: RunConfig, stages: int | None = None, *, progress: bool = Tr
         raise ValueError(f"train.steps={config.train.steps} cannot be split over {stages} sDPO stages")
     model, grow = config.model, config.grow
     for k, folder in enumerate(stage_folders(config.out, stages)):
+        begin, end = stage_span(config.train.steps, stages, k)
         stage = dataclasses.replace(
             config, model=model, grow=grow if k == 0 else None, out=str(folder),
             dpo=dataclasses.replace(config.dpo, stage=k),
-            train=dataclasses.replace(config.train, steps=_steps(config.train.steps, stages, k)))
+            train=dataclasses.replace(config.train, steps=end - begin))
         if progress and stages > 1:
             print(f"sDPO stage {k + 1} of {stages}: the reference is {model}", flush=True)
         model = str(train(stage, progress=progress, allow_change=allow_change))
     return Path(model)
-
-
-def _steps(steps: int, stages: int, stage: int) -> int:
-    begin, end = stage_span(steps, stages, stage)
-    return end - begin
 
 
 def stage_results(out: str | Path, stages: int) -> list[RunResult]:

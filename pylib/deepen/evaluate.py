@@ -183,6 +183,5 @@ def instruction_scores(model, tokenizer, name: str, seq_len: int = 256, n: int =
     scores = {"response_ppl": math.exp(response_losses(model, rows, pad_id(tokenizer), device, batch_size).mean().item())}
     answered = [e for e in examples if e.answer is not None]
     if answered:
-        scores["accuracy"] = answer_accuracy(model, tokenizer, answered, template, device, max_new_tokens=96,
-                                             batch_size=batch_size)
+        scores["accuracy"] = answer_accuracy(model, tokenizer, answered, template, device, batch_size=batch_size)
     return scores

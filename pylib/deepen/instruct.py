@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from deepen.batches import ResumedByStep, batches
+from deepen.config import TEMPLATES
 from deepen.data import HELDOUT_FRACTION, SPLITS, hub_offline_error, is_heldout, math_problem, stdlib_sources
+from deepen.models import is_hub_id
 
 # SOLAR's instruction tuning used an Alpaca-style template; "model" uses the tokenizer's own chat template.
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")
-TEMPLATES = ("alpaca", "model")
 INSTRUCTIONS = ("math-sft", "code-sft")
 PAIRS = ("math-pairs", "code-pairs")
 EXAMPLES = 2_000  # examples per built-in set (math: problems 0..1999 of collection 0; code: the first functions)
@@ -191,7 +192,7 @@ def load_examples(name: str, kind: str, split: str = "train", limit: int = 20_00
                          f"{', '.join(builtins)} or a hub dataset")
     if name in builtins:
         examples = _builtin(name)
-    elif "/" in name and not name.startswith((".", "/", "~")):
+    elif is_hub_id(name.partition(":")[0]):  # "user/dataset" or "user/dataset:config"
         examples = _from_hub(name, kind, limit)
     else:
         raise FileNotFoundError(f"{name!r} is not a built-in set ({', '.join(builtins)}) nor a hub dataset name "

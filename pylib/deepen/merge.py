@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from deepen.checkpoint import (CONFIG, DTYPE_NAMES, TensorInfo, checkpoint_tensors, copy_small_files, parse_size,
-                               read_folder_config, resolve_source, write_shards)
+                               read_folder_config, resolve_source, write_all, write_shards)
 from deepen.manifest import atomic_folder
 
 METHODS = ("average", "slerp")
@@ -100,10 +100,7 @@ def merge(a: str | os.PathLike, b: str | os.PathLike, out: str | os.PathLike, me
 
         def write(info: TensorInfo, fd: int) -> None:
             merged = merge_tensor(load(info), load(tb[info.name]), method, t).contiguous()
-            data = merged.reshape(-1).view(torch.uint8).numpy()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, merged.reshape(-1).view(torch.uint8).numpy())
             bar.update()
 
         try:

@@ -389,7 +389,7 @@ def _evaluate(model, heldout: Heldout, batch_size: int, accelerator, tokenizer,
             losses["domain"] = response_losses(model, heldout.domain, pad, accelerator.device, batch_size)
         if heldout.examples:
             scores["accuracy"] = answer_accuracy(model, tokenizer, heldout.examples, config.data.template,
-                                                 accelerator.device, max_new_tokens=96, batch_size=batch_size)
+                                                 accelerator.device, batch_size=batch_size)
         if heldout.pairs and len(heldout.pairs[0]) == 4:  # with reference log-probabilities
             scores.update(preference_scores(model, heldout.pairs, config.dpo.beta, pad, accelerator.device, batch_size))
     return losses, scores
