@@ -213,7 +213,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys)
     def full(fd, data):
         raise OSError(28, "No space left on device", str(out))
 
-    monkeypatch.setattr(checkpoint, "_write_all", full)
+    monkeypatch.setattr(checkpoint, "write_all", full)
     assert main(["expand", str(src), str(out), "--method", "llama-pro", "--groups", "2"]) == 1
     one_line_error(capsys.readouterr().err, "no space left on the device", "nothing half-written")
     assert not out.exists() and beside(out) == []
@@ -242,7 +242,7 @@ def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "_write_all", interrupt)
+    monkeypatch.setattr(checkpoint, "write_all", interrupt)
     out = tmp_path / "out"
     assert main(["expand", str(llama(tmp_path / "base")), str(out), "--method", "llama-pro", "--groups", "2"]) == 130
     one_line_error(capsys.readouterr().err, "interrupted (Ctrl-C)")
