@@ -39,6 +39,11 @@ CHECKS = {
     "dpo_loss": ("lab05", "dpo_loss"), "slerp": ("lab05", "slerp"),
     "param_count": ("lab06", "param_count"), "train_flops": ("lab06", "train_flops"),
     "state_memory": ("lab06", "state_memory"),
+    "seam_cosine": ("lab07", "seam_cosine"), "choose_m": ("lab07", "choose_m"),
+    "lora_params": ("lab08", "lora_params"), "matching_rank": ("lab08", "matching_rank"),
+    "forgetting_and_gain": ("lab08", "forgetting_and_gain"),
+    "gets_gradient": ("lab09", "gets_gradient"),
+    "capstone": ("lab10", "logits"),
 }
 
 
@@ -289,6 +294,114 @@ MISTAKES = {
 }
 
 
+def _seam_with(seam=0, seen=0, first=False, flat=False):
+    """A student's seam cosine with one mistake: the seam's or the seen stream's index moved, token 0 kept, or one
+    cosine of the flattened tensors."""
+    def seam_cosine(hidden, m):
+        a, b = hidden[len(hidden) - 1 - m + seam], hidden[m + seen]
+        if not first:
+            a, b = a[:, 1:], b[:, 1:]
+        if flat:
+            return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+        return F.cosine_similarity(a, b, dim=-1).mean().item()
+
+    return seam_cosine
+
+
+def _choose_with(pick=min, upto_half=False, shift=0, cosine=False):
+    def choose_m(hidden, threshold):
+        n = len(hidden) - 1
+        last = n // 2 + 1 if upto_half else (n + 1) // 2
+        seams = {m: solution("lab07", "seam_cosine")(hidden, m) for m in range(1, last)}
+        reaching = [m for m, c in seams.items() if c >= threshold]
+        if not reaching:
+            return None
+        m = pick(reaching)
+        return seams[m] if cosine else m + shift
+
+    return choose_m
+
+
+def _gradients_with(case: tuple, answer: list):
+    """The reference prediction, wrong for one (init, step)."""
+    def gets_gradient(init, step):
+        return answer if (init, step) == case else solution("lab09", "gets_gradient")(init, step)
+
+    return gets_gradient
+
+
+def _capstone_with(old: str, new: str):
+    """The reference capstone with one line of its source rewritten, as a student might have written it."""
+    source = (SOLUTIONS / "lab10.py").read_text()
+    assert old in source
+    namespace = {}
+    exec(compile(source.replace(old, new), "<exercise capstone>", "exec"), namespace)
+    return namespace["logits"]
+
+
+_PRO = [n for n in checks.BLOCK_PARAMETERS if n not in ("self_attn.o_proj.weight", "mlp.down_proj.weight")]
+
+MISTAKES.update({
+    "seam one layer early": ("seam_cosine", _seam_with(seam=-1), {}, "hidden[L - m - 1] is the input"),
+    "seen stream one layer early": ("seam_cosine", _seam_with(seen=-1), {}, "not hidden[m - 1]"),
+    "seam as hidden[-m]": ("seam_cosine", _seam_with(seam=1), {}, "hidden[-m] is hidden[L + 1 - m]"),
+    "seam with token 0": ("seam_cosine", _seam_with(first=True), {}, "token 0 included"),
+    "seam of flattened tensors": ("seam_cosine", _seam_with(flat=True), {}, "one cosine of the flattened tensors"),
+    "the largest m": ("choose_m", _choose_with(pick=max), {}, "the largest m that reaches"),
+    "m = L/2 allowed": ("choose_m", _choose_with(upto_half=True), {}, "m = L/2 gives 2(L - m) = L layers"),
+    "m off by one": ("choose_m", _choose_with(shift=-1), {}, "off by one"),
+    "the cosine instead of m": ("choose_m", _choose_with(cosine=True), {}, "returned the cosine"),
+    "LoRA as a full matrix": ("lora_params", lambda shapes, r: sum(r * i * o for i, o in shapes), {}, "a full matrix"),
+    "LoRA's A only": ("lora_params", lambda shapes, r: sum(r * i for i, o in shapes), {}, "only A"),
+    "LoRA r squared": ("lora_params", lambda shapes, r: r * r * len(shapes), {}, "r² per layer"),
+    "rank rounded down": (
+        "matching_rank", lambda shapes, target: max(1, target // sum(i + o for i, o in shapes)), {}, "rounded down"),
+    "rank rounded up": (
+        "matching_rank", lambda shapes, target: -(-target // sum(i + o for i, o in shapes)), {}, "rounded up"),
+    "rank 0 allowed": (
+        "matching_rank", lambda shapes, target: round(target / sum(i + o for i, o in shapes)), {}, "a rank of 0"),
+    "rank of one block": (
+        "matching_rank", lambda shapes, target: max(1, round(target / sum(i + o for i, o in shapes[:7]))), {},
+        "one block's adapters"),
+    "gain and forgetting swapped": (
+        "forgetting_and_gain", lambda base, end: solution("lab08", "forgetting_and_gain")(base, end)[::-1], {},
+        "return forgetting first"),
+    "forgetting upside down": (
+        "forgetting_and_gain", lambda base, end: (base["general"] / end["general"], base["domain"] / end["domain"]), {},
+        "forgetting upside down"),
+    "gain upside down": (
+        "forgetting_and_gain", lambda base, end: (end["general"] / base["general"], end["domain"] / base["domain"]), {},
+        "gain upside down"),
+    "differences of perplexities": (
+        "forgetting_and_gain", lambda base, end: (end["general"] - base["general"], base["domain"] - end["domain"]),
+        {}, "differences, not ratios"),
+    "zeroed matrices get no gradient": (
+        "gets_gradient", _gradients_with(("llama-pro", 0), _PRO), {}, "the other way round"),
+    "zeroed matrices stay the only ones": (
+        "gets_gradient", _gradients_with(("llama-pro", 1), ["self_attn.o_proj.weight", "mlp.down_proj.weight"]), {},
+        "no longer zero"),
+    "an all-zero block learns": (
+        "gets_gradient", _gradients_with(("zeros", 0), ["mlp.down_proj.weight"]), {}, "never learns"),
+    "the MLP norm learns with zero gains": (
+        "gets_gradient",
+        _gradients_with(("zero-norms", 0), ["input_layernorm.weight", "post_attention_layernorm.weight"]),
+        {}, "your list misses 0 and names 1 that get none"),
+    "gradients as one string": ("gets_gradient", lambda init, step: "mlp.down_proj.weight", {},
+                                "return a list of parameter names"),
+    "gradients under other names": ("gets_gradient", lambda init, step: ["o_proj"], {}, "not a parameter of a block"),
+    "capstone with theta written in": (
+        "capstone", _capstone_with('theta = config.rope_parameters["rope_theta"]', "theta = 10000.0"), {},
+        "RoPE theta written in"),
+    "capstone with eps written in": (
+        "capstone",
+        _capstone_with("head_dim, eps = hidden // heads, config.rms_norm_eps", "head_dim, eps = hidden // heads, 1e-6"),
+        {}, "RMSNorm eps written in"),
+    "capstone without the final norm": (
+        "capstone", _capstone_with('return rms_norm(h, state["model.norm.weight"], eps) @ head.T', "return h @ head.T"),
+        {}, "the final norm"),
+})
+
+
 def _slerp_always(a, b, t):
     cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).item()
     theta = math.acos(min(1.0, cos))
@@ -469,6 +582,35 @@ def test_a_grade_cannot_be_forged(tmp_path):
     rows = grade_rows(tmp_path / "other", lab)
     assert rows == {"dus_plan": rows["dus_plan"], "new_layers": rows["new_layers"]}
     assert rows["dus_plan"][0] == "pass" and rows["new_layers"][0] == "not done"
+
+
+def test_the_capstone_must_not_run_a_model_of_the_libraries(tmp_path):
+    """The capstone's answer has the weights and the config: building transformers' or deepen's model from them, or
+    patching transformers' forward that the check compares with, does not pass."""
+    tricks = {
+        "transformers' model": "from transformers import LlamaForCausalLM\n"
+                               "def logits(state, config, input_ids):\n"
+                               "    model = LlamaForCausalLM(config)\n"
+                               "    model.load_state_dict(state)\n"
+                               "    return model(input_ids).logits",
+        "deepen's model": "from transformers import LlamaForCausalLM\nfrom deepen.llama import Llama\n"
+                          "def logits(state, config, input_ids):\n"
+                          "    model = LlamaForCausalLM(config)\n"
+                          "    model.load_state_dict(state)\n"
+                          "    return Llama.from_hf(model)(input_ids)",
+        "the reference patched": "import torch\nfrom transformers.models.llama import modeling_llama\n"
+                                 "modeling_llama.LlamaModel.forward = lambda self, *a, **k: None\n"
+                                 "def logits(state, config, input_ids):\n"
+                                 "    return torch.zeros(*input_ids.shape, config.vocab_size)",
+    }
+    for i, (trick, source) in enumerate(tricks.items()):
+        lab = submission(tmp_path / str(i), "lab10", {"capstone": source})
+        status, feedback = grade_rows(tmp_path / str(i), lab)["capstone"]
+        assert status == "fail", (trick, feedback)
+        expected = {"transformers' model": "calls transformers' own implementation",
+                    "deepen's model": "calls deepen's own implementation",
+                    "the reference patched": "tampered"}[trick]
+        assert feedback.startswith(expected), (trick, feedback)
 
 
 def test_a_right_answer_written_another_way_passes(tmp_path):

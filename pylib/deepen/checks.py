@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import numbers
+import re
 import textwrap
 import traceback
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from deepen import llama
 from deepen.budget import Stage, state_bytes, training_flops
+from deepen.budget import lora_params as budget_lora_params
 from deepen.grow import OUTPUT_PROJECTIONS, grow, layer_of, zero_output_projections
 from deepen.loop import train_step as reference_step
 from deepen.manifest import Manifest
@@ -1094,6 +1096,353 @@ def _state_memory(state_memory) -> str:
     return f"equals deepen.budget's {per} bytes per trainable parameter, sharded, on {len(cases)} cases"
 
 
+# ---------------------------------------------------------------- lab 07: choosing DUS's m from the seam
+
+
+def _same_float(got: float, want: float, mistakes: dict, case: str, tol: float = 1e-5) -> None:
+    """Raise Wrong unless got == want to `tol` (a float computed another way, e.g. in float32), naming the mistake
+    whose value got matches."""
+    if abs(got - want) <= tol:
+        return
+    named = [why for why, wrong in mistakes.items() if abs(wrong - want) > tol and abs(got - wrong) <= tol]
+    raise Wrong(f"{case}: expected {want:.6f}, got {got:.6f}" + (f" — {named[0]}" if named else ""))
+
+
+def _streams(n_layers: int, seed: int, batch: int = 2, seq: int = 7, dim: int = 16) -> list[torch.Tensor]:
+    """Made-up hidden states h[0..L] of a residual stream: each layer adds an update to every token; token 0 is an
+    attention sink, one large direction that every layer keeps (as in real models)."""
+    g = torch.Generator().manual_seed(seed)
+    h = [torch.randn(batch, seq, dim, generator=g, dtype=torch.float64)]
+    for _ in range(n_layers):
+        h.append(h[-1] + 0.5 * torch.randn(batch, seq, dim, generator=g, dtype=torch.float64))
+    sink = 30 * torch.randn(dim, generator=g, dtype=torch.float64)
+    for j, x in enumerate(h):
+        x[:, 0] = sink * (1 + j) + torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    return h
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, first: bool = False, per_token: bool = True) -> float:
+    """Mean over tokens (position 0 left out unless `first`) of the cosine between two (batch, seq, dim) streams."""
+    if not first:
+        a, b = a[:, 1:], b[:, 1:]
+    if not per_token:
+        return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    return F.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def _seam(hidden: list[torch.Tensor], m: int) -> float:
+    return _cosine(hidden[len(hidden) - 1 - m], hidden[m])
+
+
+def check_seam_cosine(seam_cosine) -> Result:
+    """seam_cosine(hidden, m) -> how alike the stream at DUS's seam is to what the copied layer saw in the base:
+    the mean over tokens 1.. of cos(hidden[L - m], hidden[m]), from the base's hidden states hidden[0..L]."""
+    return _check("seam_cosine", _seam_cosine, seam_cosine)
+
+
+def _seam_cosine(seam_cosine) -> str:
+    cases = [(8, 2, 0), (12, 5, 1), (6, 1, 2), (30, 6, 3)]
+    for n, m, seed in cases:
+        hidden = _streams(n, seed)
+        want = _seam(hidden, m)
+        got = _number(_call(seam_cosine, [h.clone() for h in hidden], m), "a cosine")
+        mistakes = {
+            "hidden[L - m - 1] is the input of the last kept layer: the seam layer reads its output, hidden[L - m]":
+                _cosine(hidden[n - m - 1], hidden[m]),
+            "in the base, layer m read hidden[m] (its input), not hidden[m - 1]": _cosine(hidden[n - m], hidden[m - 1]),
+            "hidden[-m] is hidden[L + 1 - m]: the list holds L + 1 states, so the seam is hidden[L - m] = "
+            "hidden[-m - 1]": _cosine(hidden[n + 1 - m], hidden[m]),
+            "token 0 included: it is an attention sink whose stream barely changes, so it inflates every cosine — "
+            "average over tokens 1..": _cosine(hidden[n - m], hidden[m], first=True),
+            "one cosine of the flattened tensors: take the cosine per token (over the hidden dimension), then the "
+            "mean": _cosine(hidden[n - m], hidden[m], per_token=False),
+        }
+        _same_float(got, want, mistakes, f"L={n}, m={m}")
+    return f"equals the reference on {len(cases)} made-up streams (L = 6 to 30, an attention sink at token 0)"
+
+
+def check_choose_m(choose_m) -> Result:
+    """choose_m(hidden, threshold) -> the smallest m (1 <= m < L/2: the grown model deeper than the base) whose
+    seam cosine reaches `threshold` — the deepest DUS model with a seam that alike; None when no m does."""
+    return _check("choose_m", _choose_m, choose_m)
+
+
+def _choose_m(choose_m) -> str:
+    cases = []
+    for n, seed in ((12, 4), (9, 5), (30, 6)):
+        hidden = _streams(n, seed)
+        seams = {m: _seam(hidden, m) for m in range(1, (n + 1) // 2)}
+        ordered = sorted(seams.values())
+        for threshold in (ordered[len(ordered) // 3] - 1e-3, ordered[-1] - 1e-3, ordered[-1] + 1e-3):
+            cases.append((n, hidden, seams, threshold))
+    for n, hidden, seams, threshold in cases:
+        reaching = [m for m, c in seams.items() if c >= threshold]
+        want = min(reaching) if reaching else None
+        got = _call(choose_m, [h.clone() for h in hidden], threshold)
+        if got is not None:
+            got = _number(got, "an m (a number) or None")
+        if got == want:
+            continue
+        case = f"L={n}, threshold {threshold:.3f}"
+        if want is None:
+            if got == n / 2:
+                raise Wrong(f"{case}: m = L/2 gives 2(L - m) = L layers, the base itself: nothing is grown. Return "
+                            "None when no m < L/2 reaches the threshold")
+            raise Wrong(f"{case}: no m < L/2 reaches the threshold: return None, got {got!r}")
+        if isinstance(got, numbers.Real) and not isinstance(got, bool) and math.isclose(got, seams[want]):
+            raise Wrong(f"{case}: returned the cosine; return m, the number of layers dropped")
+        if reaching and got == max(reaching) and len(reaching) > 1:
+            raise Wrong(f"{case}: the largest m that reaches the threshold: every extra layer dropped makes the "
+                        "grown model shallower — return the smallest one")
+        if got == max(seams, key=seams.get) and len(reaching) > 1:
+            raise Wrong(f"{case}: the m of the most alike seam, whatever the threshold: return the smallest m whose "
+                        "seam reaches the threshold")
+        if got in (want - 1, want + 1):
+            raise Wrong(f"{case}: off by one: m counts the layers each copy drops, from 1")
+        raise Wrong(f"{case}: expected m = {want}, got {got!r}")
+    return f"the smallest m whose seam reaches the threshold, or None, on {len(cases)} thresholds over 3 made-up models"
+
+
+# ---------------------------------------------------------------- lab 08: LoRA of matching size
+
+
+# (in, out) of the linear layers LoRA adapts in one block, and the block count, of real models and an odd one
+LORA_SHAPES = {
+    "SmolLM2-135M": ([(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)], 30),
+    "Llama-2-7B": ([(4096, 4096)] * 4 + [(4096, 11008), (4096, 11008), (11008, 4096)], 32),
+    "an odd model": ([(48, 48), (48, 16), (80, 48)], 3),
+}
+
+
+def _lora_count(shapes, r, *, a=True, b=True) -> int:
+    return sum(r * ((i if a else 0) + (o if b else 0)) for i, o in shapes)
+
+
+def check_lora_params(lora_params) -> Result:
+    """lora_params(shapes, r) -> the parameters LoRA of rank r adds on linear layers of (in, out) `shapes`: A (r × in)
+    and B (out × r) each, against deepen.budget.lora_params."""
+    return _check("lora_params", _lora_params, lora_params)
+
+
+def _lora_params(lora_params) -> str:
+    for name, (block, n_blocks) in LORA_SHAPES.items():
+        shapes = block * n_blocks
+        for r in (1, 8, 70):
+            per = {s: budget_lora_params(nn.Linear(*s, bias=False, device="meta"), r) for s in set(shapes)}
+            want = sum(per[s] for s in shapes)
+            got = _number(_call(lora_params, list(shapes), r), "a parameter count")
+            mistakes = {
+                "r × in × out: that is a full matrix; LoRA's update B·A is built from two thin ones, r × in and "
+                "out × r":
+                    sum(r * i * o for i, o in shapes),
+                "only A (r × in): B (out × r) counts too": _lora_count(shapes, r, b=False),
+                "only B (out × r): A (r × in) counts too": _lora_count(shapes, r, a=False),
+                "r² per layer: A is r × in and B out × r": r * r * len(shapes),
+            }
+            _same_number(got, want, mistakes, f"{name}, r={r}")
+    return f"equals deepen.budget.lora_params on {len(LORA_SHAPES)} models at r = 1, 8, 70"
+
+
+def check_matching_rank(matching_rank) -> Result:
+    """matching_rank(shapes, target) -> the LoRA rank (at least 1) whose adapters on `shapes` have the count closest
+    to `target`, as `deepen reproduce` matches LoRA to an expansion's trainable count."""
+    return _check("matching_rank", _matching_rank, matching_rank)
+
+
+def _matching_rank(matching_rank) -> str:
+    block = LORA_SHAPES["SmolLM2-135M"][0]
+    cases = [(block * 30, 21_240_576, "SmolLM2-135M, LLaMA Pro's 6 new blocks"),
+             (LORA_SHAPES["Llama-2-7B"][0] * 32, 1_619_066_880, "Llama-2-7B, LLaMA Pro's 8 new blocks"),
+             (block * 30, 4 * 3_540_096, "SmolLM2-135M, 4 new blocks"),
+             (block * 30, 1_000, "SmolLM2-135M, a tiny target"),
+             (LORA_SHAPES["an odd model"][0] * 3, 5_000, "an odd model")]
+    for shapes, target, case in cases:
+        per = sum(i + o for i, o in shapes)
+        want = max(1, min((math.floor(target / per), math.ceil(target / per)), key=lambda r: abs(r * per - target)))
+        got = _number(_call(matching_rank, list(shapes), target), "a rank")
+        mistakes = {
+            "rounded down: the closest count can be one rank up": max(1, math.floor(target / per)),
+            "rounded up: the closest count can be one rank down": math.ceil(target / per),
+            "a rank of 0 adds no adapter: the rank is at least 1": 0,
+            "matched one block's adapters to the whole target: the adapters of every block add up":
+                max(1, round(target / sum(i + o for i, o in shapes[:7]))),
+        }
+        _same_number(got, want, mistakes, f"{case} ({target:,} parameters)")
+    return f"the closest rank on {len(cases)} targets, e.g. SmolLM2-135M against 6 new blocks: r = " \
+           f"{round(21_240_576 / sum(i + o for i, o in block * 30))}"
+
+
+def check_forgetting_and_gain(forgetting_and_gain) -> Result:
+    """forgetting_and_gain(base, end) -> (forgetting, gain) from held-out perplexities {"general": ..., "domain":
+    ...} of the base and of the trained model, as deepen.runs defines them: end/base on general text, base/end on
+    the domain."""
+    return _check("forgetting_and_gain", _forgetting_and_gain, forgetting_and_gain)
+
+
+def _forgetting_and_gain(forgetting_and_gain) -> str:
+    cases = [({"general": 17.01, "domain": 12.88}, {"general": 16.17, "domain": 11.00}),
+             ({"general": 130.6, "domain": 30012.0}, {"general": 212.6, "domain": 2161.0}),
+             ({"general": 20.0, "domain": 10.0}, {"general": 25.0, "domain": 10.0})]
+    for base, end in cases:
+        forgetting, gain = end["general"] / base["general"], base["domain"] / end["domain"]
+        got = _as_tensor(_call(forgetting_and_gain, dict(base), dict(end)))
+        if not isinstance(got, torch.Tensor) or got.numel() != 2:
+            raise Wrong(f"returned {got!r}; return two numbers, (forgetting, gain)")
+        got = [v.item() for v in got.flatten().double()]
+        case = f"base {base}, end {end}"
+        swapped = math.isclose(got[0], gain, rel_tol=1e-6) and math.isclose(got[1], forgetting, rel_tol=1e-6)
+        if swapped and forgetting != gain:
+            raise Wrong(f"{case}: (gain, forgetting) — return forgetting first")
+        mistakes = {
+            "forgetting upside down: it is the general perplexity at the end over the base's (above 1: worse)":
+                base["general"] / end["general"],
+            "differences, not ratios: perplexities are compared by their ratio": end["general"] - base["general"],
+        }
+        _same_float(got[0], forgetting, mistakes, f"{case}, forgetting", tol=1e-6 * forgetting)
+        mistakes = {
+            "gain upside down: it is the base's domain perplexity over the end's (above 1: learnt)":
+                end["domain"] / base["domain"],
+            "differences, not ratios: perplexities are compared by their ratio": base["domain"] - end["domain"],
+        }
+        _same_float(got[1], gain, mistakes, f"{case}, gain", tol=1e-6 * gain)
+    return f"deepen.runs' forgetting and gain on {len(cases)} runs"
+
+
+# ---------------------------------------------------------------- lab 09: which parameters learn at step 0
+
+
+BLOCK_PARAMETERS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                    "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                    "input_layernorm.weight", "post_attention_layernorm.weight")
+NEW_BLOCK_INITS = ("llama-pro", "copy", "zeros", "zero-norms")
+
+
+def _new_block_gradients(init: str, step: int, seed: int = 0) -> set[str]:
+    """Measured: the new block's parameters with a nonzero gradient at `step` (0: the first backward; 1: after one
+    SGD step on the new block), in a small random Llama of 4 blocks grown by LLaMA Pro to 6."""
+    plan = llama_pro(4, groups=2)
+    deepen_init = {"llama-pro": "plan", "zero-norms": "copy"}.get(init, init)
+    model = grow(_hf_model(n_layers=4, seed=seed), plan, init=deepen_init)
+    block = model.model.layers[plan.new_layers[0]]
+    if init == "zero-norms":
+        with torch.no_grad():
+            block.input_layernorm.weight.zero_()
+            block.post_attention_layernorm.weight.zero_()
+    model.train()
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+    batch = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(seed))
+    for _ in range(step + 1):
+        optimizer.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+    return {name for name, p in block.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+
+
+def check_gets_gradient(gets_gradient) -> Result:
+    """gets_gradient(init, step) -> the names (as in BLOCK_PARAMETERS) of a new block's parameters with a nonzero
+    gradient at step 0 or 1, for each init of NEW_BLOCK_INITS — measured by a backward pass on a grown model."""
+    return _check("gets_gradient", _gets_gradient, gets_gradient)
+
+
+def _gets_gradient(gets_gradient) -> str:
+    o, down = "self_attn.o_proj.weight", "mlp.down_proj.weight"
+    everything = set(BLOCK_PARAMETERS)
+    for init in NEW_BLOCK_INITS:
+        for step in (0, 1):
+            want = _new_block_gradients(init, step)
+            got = _call(gets_gradient, init, step)
+            if isinstance(got, str) or not hasattr(got, "__iter__"):
+                raise Wrong(f"returned {got!r}; return a list of parameter names, e.g. ['mlp.down_proj.weight']")
+            got = {re.sub(r"^model\.layers\.\d+\.", "", str(name)) for name in got}
+            unknown = sorted(got - everything)
+            if unknown:
+                raise Wrong(f"{', '.join(unknown)}: not a parameter of a block; the names are "
+                            f"{', '.join(BLOCK_PARAMETERS)}")
+            if got == want:
+                continue
+            case = f"init={init!r}, step {step}"
+            if init == "llama-pro" and step == 0 and got == everything - {o, down}:
+                raise Wrong(f"{case}: the other way round — a zeroed matrix's weight gradient is (the gradient at its "
+                            "output) × (its input), neither of them zero; it is everything before the zeroed matrices "
+                            "that sees a zero gradient, since it flows back through them")
+            if init == "llama-pro" and step == 1 and got == {o, down}:
+                raise Wrong(f"{case}: after one step o_proj and down_proj are no longer zero, so the gradient flows "
+                            "back through them into the rest of the block")
+            if init == "zeros" and got:
+                raise Wrong(f"{case}: with every weight zero, each matrix's input or the gradient at its output is "
+                            "zero — the block's gradients are all exactly zero, at every step: it never learns")
+            if init == "copy" and got != everything:
+                raise Wrong(f"{case}: a plain copy is a working block: every parameter gets a gradient")
+            missing, extra = len(want - got), len(got - want)
+            raise Wrong(f"{case}: {len(want)} parameters get a gradient; your list misses {missing} and names {extra} "
+                        "that get none — trace where a zero input or a zero matrix stops the gradient")
+    return "matches the gradients measured on a grown model for 4 inits at steps 0 and 1"
+
+
+# ---------------------------------------------------------------- lab 10: capstone, a real model in your functions
+
+
+CAPSTONE_CONFIGS = {
+    "SmolLM2's shape, small (GQA 3:1, tied, theta 100000)":
+        dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, intermediate_size=128, num_attention_heads=6,
+             num_key_value_heads=2, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "Llama-2's shape, small (no GQA, untied, eps 0.01)":
+        dict(vocab_size=80, hidden_size=32, num_hidden_layers=3, intermediate_size=88, num_attention_heads=4,
+             num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-2, tie_word_embeddings=False),
+    "an odd one (GQA 2:1, theta 500000)":
+        dict(vocab_size=64, hidden_size=64, num_hidden_layers=1, intermediate_size=96, num_attention_heads=4,
+             num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
+
+
+def _capstone_model(config: dict, seed: int):
+    _seeded(seed)
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=64, **config))
+    return _randomise(model, std=0.15).eval()
+
+
+def _capstone_mistake(model, ids, *, theta=None, eps=None, final_norm=True) -> torch.Tensor:
+    """deepen.llama's forward of `model` with one thing done wrong."""
+    ours = llama.Llama.from_hf(model)
+    if theta is not None:
+        ours.config = ours.config.replace(rope_theta=theta)
+    for module in ours.modules():
+        if eps is not None and isinstance(module, llama.RMSNorm):
+            module.eps = eps
+    if not final_norm:
+        ours.norm = nn.Identity()
+    with torch.no_grad():
+        return ours.eval()(ids)
+
+
+def check_capstone(logits) -> Result:
+    """logits(state, config, input_ids) -> the logits (batch, seq, vocab) of the transformers Llama whose state_dict
+    is `state` and whose LlamaConfig is `config`, computed by your own functions; against the model itself."""
+    return _check("capstone", _capstone, logits)
+
+
+def _capstone(logits) -> str:
+    worst = 0.0
+    for k, (name, config) in enumerate(CAPSTONE_CONFIGS.items()):
+        model = _capstone_model(config, seed=k)
+        ids = torch.randint(0, config["vocab_size"], (2, 9), generator=_seeded(k))
+        with torch.no_grad():
+            want = model(ids).logits
+        state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        got = _as_tensor(_call(logits, state, copy.deepcopy(model.config), ids.clone()))
+        theta = "RoPE theta written in as 10000: read config.rope_parameters['rope_theta']"
+        mistakes = {theta: _capstone_mistake(model, ids, theta=1e4),
+                    "RMSNorm eps written in: read config.rms_norm_eps": _capstone_mistake(model, ids, eps=1e-6),
+                    "the final norm (model.norm) before the head is missing": _capstone_mistake(model, ids,
+                                                                                               final_norm=False)}
+        if config["rope_theta"] == 1e4:
+            mistakes.pop(theta)
+        if config["rms_norm_eps"] == 1e-6:
+            mistakes.pop("RMSNorm eps written in: read config.rms_norm_eps")
+        worst = max(worst, _compare(got, want, ("batch", "seq", "vocab"), mistakes, f" ({name})"))
+    return f"equals transformers' LlamaForCausalLM on {len(CAPSTONE_CONFIGS)} shapes (max error {worst:.2g})"
+
+
 # ---------------------------------------------------------------- what each exercise must not just call
 
 # deepen's own implementation of each exercise: an answer that calls one of these does not pass (deepen grade
@@ -1116,6 +1465,20 @@ IMPLEMENTS = {
     "param_count": ("deepen.budget:shape_of", "deepen.budget:meta_model", "deepen.budget:budget"),
     "train_flops": ("deepen.budget:training_flops",),
     "state_memory": ("deepen.budget:state_bytes", "deepen.budget:memory"),
+    "seam_cosine": ("deepen.checks:_seam", "deepen.checks:_cosine"),
+    "choose_m": ("deepen.checks:_seam", "deepen.checks:_cosine"),
+    "lora_params": ("deepen.budget:lora_params", "deepen.budget:shape_of", "deepen.checks:_lora_count"),
+    "matching_rank": ("deepen.reproduce:lora_rank", "deepen.budget:lora_params", "deepen.budget:shape_of"),
+    "forgetting_and_gain": ("deepen.runs:RunResult.forgetting", "deepen.runs:RunResult.gain",
+                            "deepen.runs:RunResult.summary"),
+    "gets_gradient": ("deepen.checks:_new_block_gradients",),
+    "capstone": ("deepen.llama:Llama.forward", "deepen.llama:Block.forward", "deepen.llama:Attention.forward",
+                 "deepen.llama:MLP.forward", "deepen.llama:RMSNorm.forward", "deepen.llama:apply_rope",
+                 "deepen.llama:rope", "deepen.checks:_capstone_mistake",
+                 *(f"transformers.models.llama.modeling_llama:{name}" for name in (
+                     "LlamaForCausalLM.forward", "LlamaModel.forward", "LlamaDecoderLayer.forward",
+                     "LlamaAttention.forward", "LlamaMLP.forward", "LlamaRMSNorm.forward",
+                     "LlamaRotaryEmbedding.forward", "apply_rotary_pos_emb"))),
 }
 
 

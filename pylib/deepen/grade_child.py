@@ -23,7 +23,7 @@ import torch
 import torch._dynamo  # noqa: F401 — imported first: on import it rewraps torch.manual_seed, which is not tampering
 import torch.nn.functional
 import torch.testing
-import transformers.models.llama.modeling_llama  # noqa: F401 — the checks' models, loaded before the snapshot
+import transformers.models.llama.modeling_llama  # the checks' models, loaded before the snapshot
 
 from deepen import budget, checks, grow, llama, loop, merge, objectives, plan, trainable
 
@@ -41,10 +41,12 @@ TORCH_COMPARISONS = ("equal", "allclose", "isclose", "isnan", "isfinite", "all",
 
 
 def _watched():
+    hf = transformers.models.llama.modeling_llama  # the capstone's reference: its forward must stay its own
     modules = [checks, llama, plan, grow, trainable, loop, objectives, merge, budget, torch.nn.functional,
-               torch.testing, math, builtins, sys]
-    classes = [torch.Tensor, torch.nn.Module, llama.RMSNorm, llama.Attention, llama.MLP, llama.Block, plan.Plan,
-               checks.Result, checks.LlamaForCausalLM, checks.LlamaConfig]
+               torch.testing, math, builtins, sys, hf]
+    classes = [torch.Tensor, torch.nn.Module, llama.RMSNorm, llama.Attention, llama.MLP, llama.Block, llama.Llama,
+               plan.Plan, checks.Result, checks.LlamaForCausalLM, checks.LlamaConfig, hf.LlamaModel,
+               hf.LlamaDecoderLayer, hf.LlamaAttention, hf.LlamaMLP, hf.LlamaRMSNorm, hf.LlamaRotaryEmbedding]
     return modules, classes
 
 
@@ -145,7 +147,9 @@ def grade(step: dict, ns: dict, check_functions: dict, snapshot, before: dict, t
         what = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "") if changed else "the profiler"
         return verdict("fail", f"tampered: the answer changed {what} while it ran; deepen grade does not accept it")
     if seen:
-        return verdict("fail", f"calls deepen's own implementation ({', '.join(sorted(set(seen)))}): write the "
+        owners = " and ".join(sorted({"deepen's" if name.startswith("deepen.") else f"{name.split('.')[0]}'"
+                                      for name in seen}))
+        return verdict("fail", f"calls {owners} own implementation ({', '.join(sorted(set(seen)))}): write the "
                                "exercise yourself")
     return verdict(result.status, result.feedback)
 
