@@ -4,6 +4,7 @@ Small for testing efficiency: the end-to-end pass runs the placement experiment 
 import pandas as pd
 import pytest
 
+from deepen.batches import HELDOUT_SETS
 from deepen.budget import shape_of
 from deepen.reproduce import check_claims, jobs_of, parse_sweep, plan_runs, rung_config, run
 
@@ -58,6 +59,20 @@ def test_the_smol_rung_plans_what_the_issue_asks_without_training():
     assert "train.lr=0.0003" in jobs[2].overrides and "train.seed=1" in jobs[3].overrides
     with pytest.raises(ValueError, match="only the learning rate is swept"):
         parse_sweep("wd=0.1")
+
+
+def test_each_rung_scores_on_its_named_heldout_set():
+    """Every run of a rung's CPU profile evaluates on the blocks of deepen.batches.HELDOUT_SETS[rung], which the
+    notebooks and labs use too: one base, one perplexity."""
+    for rung in ("tiny", "smol"):
+        held = HELDOUT_SETS[rung]
+        for entry in plan_runs(rung, "cpu"):
+            c = rung_config(rung, "cpu", list(entry.run.overrides))
+            assert (c.data.seq_len, c.train.eval_batches * c.train.global_batch) == (held.seq_len, held.n_blocks)
+            assert c.data.general == held.general, entry.run.name
+        assert rung_config(rung, "cpu").data.domain == held.domain
+    with pytest.raises(ValueError, match="role='english' is not one of general, domain"):
+        HELDOUT_SETS["tiny"].blocks("english", None)
 
 
 def summary(rows: dict) -> pd.DataFrame:

@@ -6,12 +6,15 @@
   corpus is read, in bounded memory (hub datasets; `data.streaming`), each process reading only its own streams
   (deepen.stream) and saving their positions in every checkpoint.
 - `heldout_blocks`: the first blocks of a corpus's held-out split, packed or streamed (the same blocks).
+- `HELDOUT_SETS`: each rung's named held-out set, on which every notebook, lab and the rung's reproduction score
+  its models — one base, one perplexity, everywhere.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -62,6 +65,35 @@ def heldout_blocks(corpus, tokenizer, seq_len: int, n_blocks: int | None = None,
     if not blocks:
         raise ValueError(f"the held-out split does not fill one block of seq_len={seq_len}")
     return torch.stack(blocks)
+
+
+@dataclass(frozen=True)
+class HeldoutSet:
+    """A rung's held-out set: the first `n_blocks` blocks of `seq_len` tokens of the held-out split of its general
+    corpus (forgetting) and of its domain corpus (gain). The rung's run configs evaluate on exactly these blocks
+    (data.seq_len, train.eval_batches × train.global_batch = n_blocks; tests/test_reproduce.py holds them to it)."""
+
+    name: str
+    general: str
+    domain: str
+    seq_len: int
+    n_blocks: int
+
+    def blocks(self, role: str, tokenizer) -> torch.Tensor:
+        """The blocks (n_blocks, seq_len) of the `role` corpus ("general" or "domain"), tokenised by `tokenizer`."""
+        if role not in ("general", "domain"):
+            raise ValueError(f"role={role!r} is not one of general, domain")
+        return heldout_blocks(getattr(self, role), tokenizer, self.seq_len, self.n_blocks)
+
+    def __str__(self) -> str:
+        return (f"{self.name}: the first {self.n_blocks} blocks of {self.seq_len} tokens of the held-out split of "
+                f"{self.general!r} (general) and {self.domain!r} (domain)")
+
+
+HELDOUT_SETS = {
+    "tiny": HeldoutSet("the tiny held-out set", general="general", domain="code", seq_len=128, n_blocks=32),
+    "smol": HeldoutSet("the SmolLM2 held-out set", general="wiki", domain="code", seq_len=256, n_blocks=64),
+}
 
 
 class ResumedByStep:
