@@ -426,12 +426,15 @@ def test_summary_lists_every_result(capsys):
     checks.RESULTS.clear()
     checks.check_dus_plan(solution("lab03", "dus_layers"))
     checks.check_new_layers(lambda sources: [])
+    checks.check_forgetting_and_gain(lambda base, end: (base["general"] / end["general"], 1.0))  # a long reason
     capsys.readouterr()
     checks.summary()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("✓ dus_plan") and lines[1].startswith("✗ new_layers  fail")
-    assert lines[-1] == "1 of 2 exercises pass"
-    assert [r["status"] for r in checks.results()] == ["pass", "fail"]
+    assert lines[0].startswith("✓ dus_plan") and lines[1].startswith("✗ new_layers           fail")
+    assert lines[2].startswith("✗ forgetting_and_gain  fail") and lines[2].endswith(" ...")  # shortened
+    assert lines[-1] == "1 of 3 exercises pass"
+    assert all(len(line) <= checks.SUMMARY_WIDTH for line in lines), lines  # unwrapped in a notebook's output
+    assert [r["status"] for r in checks.results()] == ["pass", "fail", "fail"]
     long = "the answer has the right shape but its values differ from the reference everywhere past position " * 3
     assert checks._first_line(long).endswith(" position ...") and len(checks._first_line(long)) <= 100  # at a word
 

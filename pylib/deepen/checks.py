@@ -1495,6 +1495,9 @@ def passed(*names: str) -> bool:
     return all(name in RESULTS and RESULTS[name].status == "pass" for name in names)
 
 
+SUMMARY_WIDTH = 100  # characters per line of summary(): one line each in a notebook's output, unwrapped
+
+
 def _first_line(feedback: str, width: int = 100) -> str:
     """A reason's first line, shortened at a word (never mid-word) when it is long."""
     return textwrap.shorten((feedback.splitlines() or [""])[0], width, placeholder=" ...")
@@ -1506,7 +1509,8 @@ def summary() -> None:
         text = "no checks have run yet"
     else:
         width = max(len(name) for name in RESULTS)
-        lines = [f"{MARKS[r.status]} {r.name:<{width}}  {r.status:<8}  {_first_line(r.feedback)}"
+        room = SUMMARY_WIDTH - (width + 14)  # what the mark, name and status leave of the line for the reason
+        lines = [f"{MARKS[r.status]} {r.name:<{width}}  {r.status:<8}  {_first_line(r.feedback, room)}"
                  for r in RESULTS.values()]
         done = sum(r.status == "pass" for r in RESULTS.values())
         text = "\n".join(lines + [f"{done} of {len(RESULTS)} exercises pass"])

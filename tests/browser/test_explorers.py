@@ -13,13 +13,13 @@ and the JupyterLab log go to a temporary folder named at the end of the run.
 
 import nbformat
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+from labpage import WAIT, open_and_run_all, wait
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
 from test_widgets import records, write_run  # the fake runs of tests/test_widgets.py
 
-WAIT = 120  # seconds per step, as in conftest.py: the CPU may be shared with training runs
 NOTEBOOK = "explorers.ipynb"
 WIDGET = ".jp-OutputArea-output .widget-vbox"  # an explorer rendered by the widget manager (not its text or PNG)
 CELLS = {  # explorer: the cell that shows it, as in notebooks/
@@ -37,12 +37,6 @@ def fake_runs(folder):
     return folder
 
 
-def wait(driver, condition, message):
-    """WebDriverWait for `condition`, tolerant of elements re-rendered in the meantime. driver: the WebDriver (an
-    element's .parent)."""
-    return WebDriverWait(driver, WAIT, ignored_exceptions=[StaleElementReferenceException]).until(condition, message)
-
-
 @pytest.fixture(scope="module")
 def explorers(browser, lab, artifacts, tmp_path_factory):
     """{name: the explorer's rendered widget}, after opening the notebook and running all its cells."""
@@ -52,22 +46,8 @@ def explorers(browser, lab, artifacts, tmp_path_factory):
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}})
     nbformat.write(notebook, lab.root / NOTEBOOK)
 
-    browser.get(lab.open(NOTEBOOK))
-    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell")) == len(CELLS),
-         "JupyterLab did not show the notebook's cells")
-    # the status bar's kernel status: "Idle" once connected (the toolbar's indicator says idle before it starts)
-    wait(browser, lambda d: d.find_elements(By.XPATH, f"//span[@title='Change kernel for {NOTEBOOK}']"
-                                                      "[contains(., '| Idle')]"),
-         "the notebook's kernel did not start and become idle")
-    browser.save_screenshot(str(artifacts / "1-opened.png"))
-
-    browser.find_element(By.XPATH, "//li[contains(@class, 'lm-MenuBar-item')][normalize-space()='Run']").click()
-    wait(browser, lambda d: d.find_element(By.XPATH, "//li[contains(@class, 'lm-Menu-item')][not(contains(@class, "
-                                                     "'lm-mod-disabled'))][normalize-space()='Run All Cells']"),
-         "no enabled Run > Run All Cells").click()
-
     shown = {}
-    for name, cell in zip(CELLS, browser.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell")):
+    for name, cell in zip(CELLS, open_and_run_all(browser, lab, NOTEBOOK, len(CELLS), artifacts)):
         try:
             shown[name] = wait(browser, lambda d: cell.find_element(By.CSS_SELECTOR, WIDGET), f"no {name} explorer")
             continue
