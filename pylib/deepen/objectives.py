@@ -60,10 +60,14 @@ class DPO:
         logps = sequence_logps(model, batch)
         return logps[:len(pairs)], logps[len(pairs):]
 
-    def loss(self, model, pairs: list) -> torch.Tensor:
+    def loss_and_margins(self, model, pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the mean DPO loss, each pair's reward margin) against the pairs' reference log-probabilities."""
         chosen, rejected = self.logps(model, pairs)
         ref = torch.tensor([[p[2], p[3]] for p in pairs], device=chosen.device)
-        return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.beta)[0]
+        return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.beta)
+
+    def loss(self, model, pairs: list) -> torch.Tensor:
+        return self.loss_and_margins(model, pairs)[0]
 
 
 def reference_logps(model, pairs: list, pad_id: int, device, batch_size: int = 8) -> list:
@@ -97,10 +101,7 @@ def preference_scores(model, pairs: list, beta: float, pad_id: int, device, batc
     scorer, margins = DPO(beta, pad_id, device), []
     with evaluating(model):
         for start in range(0, len(pairs), batch_size):
-            part = pairs[start:start + batch_size]
-            chosen, rejected = scorer.logps(model, part)
-            ref = torch.tensor([[p[2], p[3]] for p in part], device=chosen.device)
-            margins += dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta)[1].tolist()
+            margins += scorer.loss_and_margins(model, pairs[start:start + batch_size])[1].tolist()
     return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
             "reward_margin": sum(margins) / len(margins)}
 
