@@ -308,11 +308,11 @@ def _seam_with(seam=0, seen=0, first=False, flat=False):
     return seam_cosine
 
 
-def _choose_with(pick=min, upto_half=False, shift=0, cosine=False):
+def _choose_with(pick=min, upto_half=False, shift=0, cosine=False, from_zero=False):
     def choose_m(hidden, threshold):
         n = len(hidden) - 1
         last = n // 2 + 1 if upto_half else (n + 1) // 2
-        seams = {m: solution("lab07", "seam_cosine")(hidden, m) for m in range(1, last)}
+        seams = {m: solution("lab07", "seam_cosine")(hidden, m) for m in range(0 if from_zero else 1, last)}
         reaching = [m for m, c in seams.items() if c >= threshold]
         if not reaching:
             return None
@@ -320,6 +320,16 @@ def _choose_with(pick=min, upto_half=False, shift=0, cosine=False):
         return seams[m] if cosine else m + shift
 
     return choose_m
+
+
+def _choose_from_the_top(hidden, threshold):
+    """Assumes the seam grows with m: scans down from the largest m and stops at the first that misses."""
+    n, chosen = len(hidden) - 1, None
+    for m in reversed(range(1, (n + 1) // 2)):
+        if solution("lab07", "seam_cosine")(hidden, m) < threshold:
+            break
+        chosen = m
+    return chosen
 
 
 def _gradients_with(case: tuple, answer: list):
@@ -385,7 +395,11 @@ MISTAKES.update({
     "the MLP norm learns with zero gains": (
         "gets_gradient",
         _gradients_with(("zero-norms", 0), ["input_layernorm.weight", "post_attention_layernorm.weight"]),
-        {}, "your list misses 0 and names 1 that get none"),
+        {}, "not the parameters that get a gradient"),
+    "nothing learns in LLaMA Pro's block": (
+        "gets_gradient", _gradients_with(("llama-pro", 0), []), {}, "a zero matrix still gets a weight gradient"),
+    "m = 0 allowed": ("choose_m", _choose_with(from_zero=True), {}, "m = 0 is plain stacking"),
+    "m scanned down from the top": ("choose_m", _choose_from_the_top, {}, "expected m = "),
     "gradients as one string": ("gets_gradient", lambda init, step: "mlp.down_proj.weight", {},
                                 "return a list of parameter names"),
     "gradients under other names": ("gets_gradient", lambda init, step: ["o_proj"], {}, "not a parameter of a block"),

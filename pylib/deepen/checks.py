@@ -1167,13 +1167,22 @@ def check_choose_m(choose_m) -> Result:
     return _check("choose_m", _choose_m, choose_m)
 
 
+def _spiked(n_layers: int, seed: int, layer: int) -> list[torch.Tensor]:
+    """Made-up hidden states whose stream at one layer is unusual (a large update that the next layer undoes): the
+    seam cosine then falls and rises again with m."""
+    hidden = _streams(n_layers, seed)
+    g = torch.Generator().manual_seed(seed)
+    hidden[layer] = hidden[layer] + 3 * torch.randn(hidden[layer].shape, generator=g, dtype=torch.float64)
+    return hidden
+
+
 def _choose_m(choose_m) -> str:
     cases = []
-    for n, seed in ((12, 4), (9, 5), (30, 6)):
-        hidden = _streams(n, seed)
+    for n, hidden in ((12, _streams(12, 4)), (9, _streams(9, 5)), (30, _streams(30, 6)), (12, _spiked(12, 7, 5))):
         seams = {m: _seam(hidden, m) for m in range(1, (n + 1) // 2)}
         ordered = sorted(seams.values())
-        for threshold in (ordered[len(ordered) // 3] - 1e-3, ordered[-1] - 1e-3, ordered[-1] + 1e-3):
+        lowest = min(ordered[0], _seam(hidden, 0)) - 1e-3  # every m reaches it, m = 0 (stacking) too
+        for threshold in (ordered[len(ordered) // 3] - 1e-3, ordered[-1] - 1e-3, ordered[-1] + 1e-3, lowest):
             cases.append((n, hidden, seams, threshold))
     for n, hidden, seams, threshold in cases:
         reaching = [m for m, c in seams.items() if c >= threshold]
@@ -1189,6 +1198,8 @@ def _choose_m(choose_m) -> str:
                 raise Wrong(f"{case}: m = L/2 gives 2(L - m) = L layers, the base itself: nothing is grown. Return "
                             "None when no m < L/2 reaches the threshold")
             raise Wrong(f"{case}: no m < L/2 reaches the threshold: return None, got {got!r}")
+        if got == 0:
+            raise Wrong(f"{case}: m = 0 is plain stacking (2L blocks), not depth up-scaling: m counts from 1")
         if isinstance(got, numbers.Real) and not isinstance(got, bool) and math.isclose(got, seams[want]):
             raise Wrong(f"{case}: returned the cosine; return m, the number of layers dropped")
         if reaching and got == max(reaching) and len(reaching) > 1:
@@ -1200,7 +1211,8 @@ def _choose_m(choose_m) -> str:
         if got in (want - 1, want + 1):
             raise Wrong(f"{case}: off by one: m counts the layers each copy drops, from 1")
         raise Wrong(f"{case}: expected m = {want}, got {got!r}")
-    return f"the smallest m whose seam reaches the threshold, or None, on {len(cases)} thresholds over 3 made-up models"
+    return f"the smallest m whose seam reaches the threshold, or None, on {len(cases)} thresholds over 4 made-up " \
+           "models (one whose seam does not grow with m)"
 
 
 # ---------------------------------------------------------------- lab 08: LoRA of matching size
@@ -1361,21 +1373,21 @@ def _gets_gradient(gets_gradient) -> str:
             if got == want:
                 continue
             case = f"init={init!r}, step {step}"
+            if init == "llama-pro" and step == 0 and not got:
+                raise Wrong(f"{case}: a zero matrix still gets a weight gradient — (the gradient at its output) × (its "
+                            "input): is either of them zero?")
             if init == "llama-pro" and step == 0 and got == everything - {o, down}:
                 raise Wrong(f"{case}: the other way round — a zeroed matrix's weight gradient is (the gradient at its "
-                            "output) × (its input), neither of them zero; it is everything before the zeroed matrices "
-                            "that sees a zero gradient, since it flows back through them")
+                            "output) × (its input); what does a zero matrix pass back to the parameters before it?")
             if init == "llama-pro" and step == 1 and got == {o, down}:
-                raise Wrong(f"{case}: after one step o_proj and down_proj are no longer zero, so the gradient flows "
-                            "back through them into the rest of the block")
+                raise Wrong(f"{case}: after one step, are o_proj and down_proj still zero?")
             if init == "zeros" and got:
-                raise Wrong(f"{case}: with every weight zero, each matrix's input or the gradient at its output is "
-                            "zero — the block's gradients are all exactly zero, at every step: it never learns")
-            if init == "copy" and got != everything:
-                raise Wrong(f"{case}: a plain copy is a working block: every parameter gets a gradient")
-            missing, extra = len(want - got), len(got - want)
-            raise Wrong(f"{case}: {len(want)} parameters get a gradient; your list misses {missing} and names {extra} "
-                        "that get none — trace where a zero input or a zero matrix stops the gradient")
+                raise Wrong(f"{case}: with every weight zero, look at each matrix's input and at the gradient arriving "
+                            "at its output")
+            if init == "copy":
+                raise Wrong(f"{case}: a plain copy — is anything in it zero?")
+            raise Wrong(f"{case}: not the parameters that get a gradient — trace where a zero input, a zero matrix "
+                        "or a zero gain stops it (SiLU(0) = 0; a softmax of equal scores is uniform)")
     return "matches the gradients measured on a grown model for 4 inits at steps 0 and 1"
 
 
@@ -1471,7 +1483,7 @@ IMPLEMENTS = {
     "matching_rank": ("deepen.reproduce:lora_rank", "deepen.budget:lora_params", "deepen.budget:shape_of"),
     "forgetting_and_gain": ("deepen.runs:RunResult.forgetting", "deepen.runs:RunResult.gain",
                             "deepen.runs:RunResult.summary"),
-    "gets_gradient": ("deepen.checks:_new_block_gradients",),
+    "gets_gradient": ("deepen.checks:_new_block_gradients", "deepen.grow:grow", "deepen.grow:zero_output_projections"),
     "capstone": ("deepen.llama:Llama.forward", "deepen.llama:Block.forward", "deepen.llama:Attention.forward",
                  "deepen.llama:MLP.forward", "deepen.llama:RMSNorm.forward", "deepen.llama:apply_rope",
                  "deepen.llama:rope", "deepen.checks:_capstone_mistake",
