@@ -456,6 +456,8 @@ def figures(results: pd.DataFrame, summary: pd.DataFrame, prefix: str, out: str 
                             capsize=3, label=row["variant"])
             if part["gain"].max() > 4 * part["gain"].min():
                 ax.set_yscale("log")
+            if part["forgetting"].max() > 4 * part["forgetting"].min():  # e.g. a run that diverged: log, so the
+                ax.set_xscale("log")  # others are not squashed into one point
             ax.set(xlabel="forgetting: general ppl end / base", ylabel="gain: domain ppl base / end" if i == 0 else "",
                    title=experiment)
             ax.legend(fontsize=8, loc="best", framealpha=0.8)
