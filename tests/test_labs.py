@@ -389,9 +389,9 @@ MISTAKES.update({
         "gets_gradient", _gradients_with(("llama-pro", 0), _PRO), {}, "the other way round"),
     "zeroed matrices stay the only ones": (
         "gets_gradient", _gradients_with(("llama-pro", 1), ["self_attn.o_proj.weight", "mlp.down_proj.weight"]), {},
-        "no longer zero"),
+        "are o_proj and down_proj still zero"),
     "an all-zero block learns": (
-        "gets_gradient", _gradients_with(("zeros", 0), ["mlp.down_proj.weight"]), {}, "never learns"),
+        "gets_gradient", _gradients_with(("zeros", 0), ["mlp.down_proj.weight"]), {}, "look at each matrix's input"),
     "the MLP norm learns with zero gains": (
         "gets_gradient",
         _gradients_with(("zero-norms", 0), ["input_layernorm.weight", "post_attention_layernorm.weight"]),
@@ -528,6 +528,15 @@ def grade_rows(tmp_path, *notebooks, timeout=600) -> dict:
     return {r["exercise"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out")}
 
 
+def graded_tricks(tmp_path, lab: str, exercise: str, tricks: dict) -> dict:
+    """{trick: (status, feedback)}: each trick's source as the answer to `exercise` of `lab`, graded in one call."""
+    notebooks = {trick: submission(tmp_path / str(i), lab, {exercise: source})
+                 for i, (trick, source) in enumerate(tricks.items())}
+    assert main(["grade", *map(str, notebooks.values()), "--out", str(tmp_path / "out")]) in (0, 1)
+    rows = {r["notebook"]: (r["status"], r["feedback"]) for r in _graded(tmp_path / "out") if r["exercise"] == exercise}
+    return {trick: rows[str(path)] for trick, path in notebooks.items()}
+
+
 def test_errors_in_an_exercise_fail_that_exercise_only(tmp_path):
     lab = submission(tmp_path, "lab03", {"new_layers": "def new_layers(sources):\n    return [",  # does not parse
                                          "dus_plan": "def dus_layers(n_layers, drop):\n    return []"})
@@ -580,9 +589,7 @@ def test_a_grade_cannot_be_forged(tmp_path):
                                         "def dus_layers(n_layers, drop):\n"
                                         "    return getattr(importlib.import_module('deepen.plan'), 'dus')(n_layers, drop).sources",
     }
-    for i, (trick, source) in enumerate(tricks.items()):
-        lab = submission(tmp_path / str(i), "lab03", {"dus_plan": source})
-        status, feedback = grade_rows(tmp_path / str(i), lab)["dus_plan"]
+    for trick, (status, feedback) in graded_tricks(tmp_path / "tricks", "lab03", "dus_plan", tricks).items():
         assert status == "fail", (trick, feedback)
         assert ("tampered" in feedback) == (trick in ("the comparison patched", "the reporter replaced")), trick
         assert ("calls deepen's own implementation" in feedback) == trick.startswith("deepen's"), (trick, feedback)
@@ -620,9 +627,7 @@ def test_the_capstone_must_not_run_a_model_of_the_libraries(tmp_path):
                                  "def logits(state, config, input_ids):\n"
                                  "    return torch.zeros(*input_ids.shape, config.vocab_size)",
     }
-    for i, (trick, source) in enumerate(tricks.items()):
-        lab = submission(tmp_path / str(i), "lab10", {"capstone": source})
-        status, feedback = grade_rows(tmp_path / str(i), lab)["capstone"]
+    for trick, (status, feedback) in graded_tricks(tmp_path, "lab10", "capstone", tricks).items():
         assert status == "fail", (trick, feedback)
         expected = {"transformers' model": "calls transformers' own implementation",
                     "deepen's model": "calls deepen's own implementation",
