@@ -436,8 +436,7 @@ def _load_part(part: Corpus, split: str, seed: int, hub_documents: int) -> datas
     elif is_hub_id(name):
         ids, texts = _load_hub(part, hub_documents)
     else:
-        raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
-                                f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
+        raise unknown_corpus_error(name)
     return _split(ids, texts, split, part.heldout_fraction)
 
 
@@ -586,6 +585,11 @@ def names_hub_dataset(name: str) -> bool:
 def is_hub_name(spec) -> bool:
     """Whether `load_corpus` reads a corpus spec from the hub. A mixture is a hub corpus if any part is."""
     return any(names_hub_dataset(p.name) for p in corpus_parts(spec))
+
+
+def unknown_corpus_error(name) -> FileNotFoundError:
+    return FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
+                             f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
 
 
 def hub_offline_error(name) -> RuntimeError:

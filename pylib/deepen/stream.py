@@ -27,7 +27,7 @@ import torch
 
 from deepen.config import Corpus
 from deepen.data import (BUILTINS, BlockCutter, corpus_parts, file_format, hub_offline_error, is_heldout,
-                         load_corpus, local_files, names_hub_dataset)
+                         load_corpus, local_files, names_hub_dataset, unknown_corpus_error)
 
 MAX_STREAMS = 16  # streams per corpus: any process count dividing it (1, 2, 4, 8, 16) reads the same global batches
 SHUFFLE_BLOCKS = 1_024  # blocks in the shuffle windows of all streams together (1024 x 4096 int64 tokens = 32 MB)
@@ -51,8 +51,7 @@ def part_files(part: Corpus) -> tuple[str, list[str]]:
     if files := local_files(name):
         return file_format(files, name), files
     if not names_hub_dataset(name):
-        raise FileNotFoundError(f"corpus {name!r}: no such file, folder or glob, and not a built-in "
-                                f"({', '.join(BUILTINS)}) or a hub name like 'user/dataset'")
+        raise unknown_corpus_error(name)
     if datasets.config.HF_HUB_OFFLINE:
         raise hub_offline_error(name)
     builder = datasets.load_dataset_builder(name, part.config, data_dir=part.data_dir, revision=part.revision)
