@@ -963,11 +963,16 @@ def _number(got, what: str) -> float:
     return float(got)
 
 
-def _same_number(got: float, want: float, mistakes: dict, case: str, unit: str = "") -> None:
-    if math.isclose(got, want, rel_tol=1e-9):
+def _same_number(got: float, want: float, mistakes: dict, case: str, unit: str = "", *, rel_tol: float = 1e-9,
+                 abs_tol: float = 0.0) -> None:
+    """Raise Wrong unless got == want (to the tolerances: a count exactly, a float computed another way, e.g. in
+    float32, to what it can hold), naming the mistake whose value got matches."""
+    def same(a: float, b: float) -> bool:
+        return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
+
+    if same(got, want):
         return
-    named = [why for why, wrong in mistakes.items() if not math.isclose(wrong, want, rel_tol=1e-9)
-             and math.isclose(got, wrong, rel_tol=1e-9)]
+    named = [why for why, wrong in mistakes.items() if not same(wrong, want) and same(got, wrong)]
     hint = f" — {named[0]}" if named else ""
 
     def shown(x: float) -> str:
@@ -1099,15 +1104,6 @@ def _state_memory(state_memory) -> str:
 # ---------------------------------------------------------------- lab 07: choosing DUS's m from the seam
 
 
-def _same_float(got: float, want: float, mistakes: dict, case: str, tol: float = 1e-5) -> None:
-    """Raise Wrong unless got == want to `tol` (a float computed another way, e.g. in float32), naming the mistake
-    whose value got matches."""
-    if abs(got - want) <= tol:
-        return
-    named = [why for why, wrong in mistakes.items() if abs(wrong - want) > tol and abs(got - wrong) <= tol]
-    raise Wrong(f"{case}: expected {want:.6f}, got {got:.6f}" + (f" — {named[0]}" if named else ""))
-
-
 def _streams(n_layers: int, seed: int, batch: int = 2, seq: int = 7, dim: int = 16) -> list[torch.Tensor]:
     """Made-up hidden states h[0..L] of a residual stream: each layer adds an update to every token; token 0 is an
     attention sink, one large direction that every layer keeps (as in real models)."""
@@ -1157,7 +1153,7 @@ def _seam_cosine(seam_cosine) -> str:
             "one cosine of the flattened tensors: take the cosine per token (over the hidden dimension), then the "
             "mean": _cosine(hidden[n - m], hidden[m], per_token=False),
         }
-        _same_float(got, want, mistakes, f"L={n}, m={m}")
+        _same_number(got, want, mistakes, f"L={n}, m={m}", abs_tol=1e-5)
     return f"equals the reference on {len(cases)} made-up streams (L = 6 to 30, an attention sink at token 0)"
 
 
@@ -1310,13 +1306,13 @@ def _forgetting_and_gain(forgetting_and_gain) -> str:
                 base["general"] / end["general"],
             "differences, not ratios: perplexities are compared by their ratio": end["general"] - base["general"],
         }
-        _same_float(got[0], forgetting, mistakes, f"{case}, forgetting", tol=1e-6 * forgetting)
+        _same_number(got[0], forgetting, mistakes, f"{case}, forgetting", rel_tol=1e-6)
         mistakes = {
             "gain upside down: it is the base's domain perplexity over the end's (above 1: learnt)":
                 end["domain"] / base["domain"],
             "differences, not ratios: perplexities are compared by their ratio": base["domain"] - end["domain"],
         }
-        _same_float(got[1], gain, mistakes, f"{case}, gain", tol=1e-6 * gain)
+        _same_number(got[1], gain, mistakes, f"{case}, gain", rel_tol=1e-6)
     return f"deepen.runs' forgetting and gain on {len(cases)} runs"
 
 
