@@ -12,6 +12,7 @@ import torch
 
 from deepen.batches import heldout_blocks, streams
 from deepen.config import DataConfig
+from deepen.extras import need
 from deepen.instruct import encoded, load_examples, pad_id
 from deepen.loop import perplexity  # the one definition, which training's held-out evaluation uses too
 from deepen.objectives import answer_accuracy, response_losses
@@ -66,7 +67,7 @@ def benchmarks(model, tasks, *, tokenizer=None, limit: int | float | None = None
     execute the model's code (HumanEval, MBPP). Metric names are the harness's, its ",none" filter dropped
     ("acc", "acc_norm", "acc_stderr", "exact_match,strict-match", ...).
     """
-    from lm_eval import simple_evaluate
+    simple_evaluate = need("lm_eval", "deepen eval --tasks").simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     if limit is not None and limit >= 1:

@@ -33,9 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import nbformat
-
 from deepen import REPO
+from deepen.extras import need
 from deepen.manifest import atomic_folder
 
 EXERCISE = "exercise"  # the cell metadata key naming the exercise a cell holds
@@ -45,6 +44,10 @@ CHECK_CALL = re.compile(r"\bcheck_(\w+)\s*\(")
 SECTION = re.compile(r"^# %% (\w+)\s*$", re.MULTILINE)
 FIELDS = ("notebook", "exercise", "status", "points", "feedback")
 LABS = REPO / "notebooks" / "labs"
+
+
+def _nbformat():
+    return need("nbformat", "grading and handing out labs")
 
 
 def exercises(nb) -> list[str]:
@@ -75,7 +78,7 @@ def solutions_file(notebook: str | os.PathLike, folder: str | os.PathLike) -> Pa
 def fill(nb, solutions: str | os.PathLike | dict[str, str]):
     """A copy of notebook `nb` with each exercise cell's code replaced by its solution."""
     code = solutions if isinstance(solutions, dict) else read_solutions(solutions)
-    nb = nbformat.from_dict(json.loads(json.dumps(nb)))
+    nb = _nbformat().from_dict(json.loads(json.dumps(nb)))
     cells = {cell.metadata.get(EXERCISE): cell for cell in nb.cells if cell.metadata.get(EXERCISE)}
     if set(code) != set(cells):
         raise ValueError(f"the solutions ({', '.join(sorted(code))}) do not match the notebook's exercise cells "
@@ -148,6 +151,7 @@ def run(path: str | os.PathLike, nb=None, timeout: int = 600, solutions: dict[st
     exercise of the lab. `solutions`: answers to use instead of the submission's cells (--fill-from)."""
     path = Path(path)
     lab_path = pristine_lab(path)
+    nbformat = _nbformat()
     lab = nbformat.read(lab_path, as_version=4)
     submission = nbformat.read(path, as_version=4) if nb is None else nb
     answered = solutions if solutions is not None else answers(submission, lab)
@@ -246,6 +250,7 @@ def handout(out: str | os.PathLike, labs: str | os.PathLike = LABS) -> Path:
              "under it. Hand in the notebooks under the names they have here.", "",
              "| lab | exercise | points |", "|---|---|---|"]
     questions = []
+    nbformat = _nbformat()
     with atomic_folder(out) as tmp:
         for path in labs:
             nb = nbformat.read(path, as_version=4)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from deepen.extras import need
 from deepen.manifest import atomic_folder
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -54,6 +55,7 @@ def smollm2() -> Path:
 def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    need("gguf", "converting SmolLM2 from its GGUF file")
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):
