@@ -111,10 +111,11 @@ def test_dpo_and_sdpo(small_llama_path, tmp_path):
                   progress=False)
     first, second = stage_results(tmp_path / "sdpo", 2)
     assert two == tmp_path / "sdpo" / "stage-2" / "model" and [first.steps, second.steps] == [2, 3]  # all 5 steps
-    assert second.config["model"] == str(tmp_path / "sdpo" / "stage-1" / "model")  # stage 1's result ...
+    assert second.config.model == str(tmp_path / "sdpo" / "stage-1" / "model")  # stage 1's result ...
     assert second.first["reward_margin"] == 0  # ... is stage 2's reference
     assert second.first["ppl_general"] == pytest.approx(first.last["ppl_general"], rel=1e-6)
-    assert first.config["dpo"] == {"beta": 0.1, "stages": 2, "stage": 0} and second.config["dpo"]["stage"] == 1
+    assert (first.config.dpo.beta, first.config.dpo.stages, first.config.dpo.stage, second.config.dpo.stage) == (
+        0.1, 2, 0, 1)
 
 
 def test_sdpo_stages_share_the_pairs_and_steps_whole():

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from deepen import budget as B
-from deepen.config import load_config
+from deepen.config import RunConfig, load_config, merged
 from deepen.widgets import (NO_RUNS, attention_explorer, method_label, plan_explorer, results_explorer, rope_scores,
                             runs_folder, setting_label)
 
@@ -153,13 +153,16 @@ def test_results_explorer_without_runs(tmp_path):
 
 
 def test_setting_labels_and_the_runs_folder(tmp_path, monkeypatch):
-    assert setting_label({"method": "lora", "lora": {"r": 4}, "grow": None}) == "lora r=4"
-    assert setting_label({"method": "blocks", "blocks": [3, 7]}) == "blocks [3, 7]"
-    assert setting_label({"method": "full", "grow": {"method": "dus", "drop": 2}}) == "full, grow dus(drop=2)"
-    assert setting_label({"method": "full", "data": {"domain": "general"}}) == "full, on general"  # not the code run
-    assert setting_label({"method": "full", "data": {"domain": "code"}}) == "full"
-    assert method_label({"method": "full", "data": {"domain": "general"}}) == "full, on general"  # its own colour
-    assert method_label({"method": "llama-pro"}) == "llama-pro"
+    def config(**changes):
+        return merged(RunConfig(), changes)
+
+    assert setting_label(config(method="lora", lora={"r": 4}, grow=None)) == "lora r=4"
+    assert setting_label(config(method="blocks", blocks=[3, 7])) == "blocks [3, 7]"
+    assert setting_label(config(method="full", grow={"method": "dus", "drop": 2})) == "full, grow dus(drop=2)"
+    assert setting_label(config(method="full", data={"domain": "general"})) == "full, on general"  # not the code run
+    assert setting_label(config(method="full", data={"domain": "code"})) == "full"
+    assert method_label(config(method="full", data={"domain": "general"})) == "full, on general"  # its own colour
+    assert method_label(config(method="llama-pro")) == "llama-pro"
     monkeypatch.chdir(tmp_path)  # as a notebook in notebooks/: a relative folder is read from the repository
     assert runs_folder("tests") == ROOT / "tests"
     assert runs_folder("no-such-runs") == Path("no-such-runs")

@@ -140,6 +140,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def key(self) -> str:
+        """A short hash naming this run (cache entries, run folders): its fields minus `out`, and minus those at
+        their defaults, so that a field added to the schema later (at a default that changes nothing) keeps every
+        key it had."""
+        changed = _changed(self.to_dict(), RunConfig().to_dict())
+        changed.pop("out", None)
+        return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
+
     def plan(self, n_layers: int) -> plans.Plan | None:
         """The `grow:` plan for a base of `n_layers` layers (None without one)."""
         return None if self.grow is None else self.grow.plan(n_layers)
@@ -290,18 +298,76 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML), build and check it."""
-    data = read_yaml(path) if path is not None else {}
+def _changed(data: dict, defaults: dict) -> dict:
+    """The entries of `data` that differ from `defaults`, nested sections compared key by key."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(defaults.get(k), dict):
+            sub = _changed(v, defaults[k])
+            if sub:
+                out[k] = sub
+        elif k not in defaults or v != defaults[k]:
+            out[k] = v
+    return out
+
+
+class Whole(dict):
+    """A section given whole (`grow={method: dus, drop: 8}`): `merged` puts it in place of the section, not into it."""
+
+
+def changes_of(overrides: list[str]) -> dict:
+    """`a.b=value` overrides (values parsed as YAML) as the nested changes `merged` applies: ["train.lr=1e-4",
+    "grow=null"] -> {"train": {"lr": 1e-4}, "grow": None}; a mapping value replaces its section (`Whole`)."""
+    changes: dict = {}
     for item in overrides:
         keys, value = parse_override(item)
-        node = data
+        value = Whole(value) if isinstance(value, dict) else value
+        node = changes
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ValueError(f"cannot set {item!r}: {k} is not a section")
+                raise ValueError(f"cannot set {item!r}: {k} is set to a value above, not a section")
         node[keys[-1]] = value
-    return check(from_dict(data))
+    return changes
+
+
+def _merge(data: dict, changes: dict, where: str = "") -> dict:
+    out = dict(data)
+    for k, v in changes.items():
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out[k] = dataclasses.asdict(v)
+        elif isinstance(v, dict) and not isinstance(v, Whole) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{where}{k}.")
+        elif isinstance(v, dict) and not isinstance(v, Whole) and out.get(k) is not None \
+                and not isinstance(out.get(k), dict):
+            raise ValueError(f"cannot set {where}{k}.{next(iter(v), '')}: {where}{k} is not a section")
+        else:
+            out[k] = dict(v) if isinstance(v, Whole) else v
+    return out
+
+
+def merged(config: RunConfig | dict, changes: dict) -> RunConfig:
+    """`config` (a RunConfig, or its mapping) with `changes` applied, built and checked: a dict merges into the
+    section it names ({"train": {"lr": 1e-4}} changes one key), anything else replaces what is there (None, a
+    value, or a whole section as a dataclass, e.g. {"grow": GrowConfig(method="dus", drop=8)}). Every run that
+    code makes (reproduce's variants, notebooks, benchmarks) is its preset merged with changes, here."""
+    data = config.to_dict() if isinstance(config, RunConfig) else config
+    return check(from_dict(_merge(data, changes)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply `a.b=value` overrides (values parsed as YAML), build and check it."""
+    return merged(read_yaml(path) if path is not None else {}, changes_of(list(overrides)))
+
+
+def saved_config(path: str | Path) -> RunConfig:
+    """A run folder's config.yaml as a RunConfig; keys it lacks (a run begun before they existed) take their
+    defaults, which is what it trained with. A file this version cannot read is a clear error naming it."""
+    try:
+        return from_dict(yaml.safe_load(Path(path).read_text()) or {})
+    except (yaml.YAMLError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as a run config ({e}); was it written by another deepen "
+                         f"version?") from None
 
 
 def from_dict(data: dict) -> RunConfig:
@@ -320,6 +386,5 @@ def recipe(name: str | None) -> RunConfig | None:
     if name is None or str(name).lower() not in RECIPES or Path(name).exists():
         return None
     config = load_config(RECIPES[str(name).lower()])
-    digest = hashlib.sha256(json.dumps({**config.to_dict(), "out": None}, sort_keys=True).encode()).hexdigest()[:10]
-    config.out = str(cache_dir() / f"{name}-{digest}")
+    config.out = str(cache_dir() / f"{name}-{config.key()}")
     return config

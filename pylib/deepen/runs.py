@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from deepen.config import RunConfig, saved_config
+from deepen.forgetting import MEASURES, load_drift
 from deepen.rundir import CONFIG, EVALUATIONS, FINAL, METRICS, read_metrics
 
 BOOTSTRAP = 2000  # resamples of the held-out blocks for a 95% interval
@@ -50,10 +51,11 @@ def _exp_mean_difference(a, b):
 @dataclass
 class RunResult:
     folder: Path
-    config: dict  # config.yaml as the run saved it
+    config: RunConfig  # config.yaml as the run saved it
     records: list[dict]  # metrics.jsonl
     evaluations: list[dict] = field(default_factory=list)  # evaluations.jsonl: per-block losses (None: not saved)
     part: str = "all"  # the part of the held-out blocks its numbers are reported on by default (PARTS)
+    drift: dict[str, list[float]] = field(default_factory=dict)  # drift.json's per-item values (deepen.forgetting)
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> RunResult:
@@ -61,8 +63,11 @@ class RunResult:
         if not (folder / METRICS).is_file():
             raise FileNotFoundError(f"{folder} is not a run folder: it has no {METRICS} (written by `deepen train`)")
         config = folder / CONFIG
-        return cls(folder, (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}, read_metrics(folder),
-                   read_metrics(folder, EVALUATIONS))
+        if not config.is_file():
+            raise FileNotFoundError(f"{folder} is not a run folder: it has no {CONFIG} (written by `deepen train`)")
+        drift = load_drift(folder)
+        return cls(folder, saved_config(config), read_metrics(folder), read_metrics(folder, EVALUATIONS),
+                   drift=drift["measures"] if drift else {})
 
     @classmethod
     def pooled(cls, runs: list[RunResult], part: str = "all") -> RunResult:
@@ -78,7 +83,9 @@ class RunResult:
         evaluations = [{"step": 0, **{k: mean(k, "first") for k in keys}, **{f"base_{k}": mean(k, "base") for k in keys}},
                        {"step": runs[0].evaluations[-1]["step"], **{k: mean(k, "last") for k in keys}}]
         first = runs[0]
-        return cls(first.folder, first.config, first.records, evaluations, part)
+        drift = {name: np.mean([r.drift[name] for r in runs], axis=0).tolist() for name in first.drift
+                 if all(name in r.drift for r in runs)}
+        return cls(first.folder, first.config, first.records, evaluations, part, drift)
 
     @property
     def evaluated(self) -> list[dict]:
@@ -196,6 +203,11 @@ class RunResult:
                "gain": ppl["domain_ppl_base"] / ppl["domain_ppl_end"], "base_measured": self.base_measured}
         for name, (lo, hi) in self.intervals(part).items():
             out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
+        for name in MEASURES:  # drift from the base (deepen.forgetting): on all of its items whatever the part
+            if name in self.drift:
+                values = np.asarray(self.drift[name])
+                out[name] = float(values.mean())
+                out[f"{name}_lo"], out[f"{name}_hi"] = bootstrap(lambda a: a.mean(-1), values)
         return out
 
     def line(self) -> str:
@@ -211,6 +223,15 @@ def find_runs(root: str | os.PathLike) -> list[RunResult]:
     root = Path(root)
     runs = [RunResult.read(path.parent) for path in sorted(root.rglob(METRICS))]
     return [run for run in runs if run.evaluated]
+
+
+def drift_difference(a: RunResult, b: RunResult, measure: str) -> tuple[float, float, float]:
+    """(difference, lo, hi): run a's drift `measure` (deepen.forgetting.MEASURES) minus run b's, with the 95%
+    interval of a paired bootstrap over the items both were scored on; an interval holding 0 means within noise."""
+    x, y = np.asarray(a.drift[measure]), np.asarray(b.drift[measure])
+    if x.shape != y.shape:
+        raise ValueError(f"{a.folder} and {b.folder} were scored on different {measure} items")
+    return (float(x.mean() - y.mean()), *bootstrap(lambda u, v: u.mean(-1) - v.mean(-1), x, y))
 
 
 def within_noise(a: RunResult, b: RunResult, metric: str, part: str | None = None) -> tuple[float, float, float]:

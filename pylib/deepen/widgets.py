@@ -362,35 +362,34 @@ NO_RUNS = ("no runs under {root}: no metrics.jsonl found; run `make reproduce` o
            "`deepen train --config configs/tiny-cpu.yaml` first")
 
 
-def grow_label(config: dict) -> str:
-    """"llama-pro(groups=2, copies=1, placement=interleave)" from a run's config.yaml; "none" without a grow."""
-    grow = config.get("grow") or {}
-    if not grow:
+def grow_label(config: RunConfig) -> str:
+    """"llama-pro(groups=2, copies=1, placement=interleave)" from a run's config; "none" without a grow."""
+    grow = config.grow
+    if grow is None:
         return "none"
-    method = grow.get("method", "llama-pro")
-    return f"{method}({', '.join(f'{k}={grow[k]}' for k in USES.get(method, ()) if grow.get(k) is not None)})"
+    return f"{grow.method}({', '.join(f'{k}={getattr(grow, k)}' for k in USES.get(grow.method, ()) if getattr(grow, k) is not None)})"
 
 
-def _on_domain(label: str, config: dict) -> str:
-    domain = (config.get("data") or {}).get("domain")
-    return f"{label}, on {domain}" if domain and domain != "code" else label  # code: the built-in default domain
+def _on_domain(label: str, config: RunConfig) -> str:
+    domain = config.data.domain
+    return f"{label}, on {domain}" if domain != "code" else label  # code: the built-in default domain
 
 
-def method_label(config: dict) -> str:
+def method_label(config: RunConfig) -> str:
     """The run's method, with the domain it trained on when that is not the built-in code (a recovery run on
     English is not coloured with the code runs)."""
-    return _on_domain(config.get("method", "?"), config)
+    return _on_domain(config.method, config)
 
 
-def setting_label(config: dict) -> str:
+def setting_label(config: RunConfig) -> str:
     """What a run trains, without its seed: the method (with LoRA's rank or the blocks it trains) and the grow,
     e.g. "llama-pro, grow llama-pro(groups=2, copies=1, placement=interleave)"; runs that differ only in their
     seed share it."""
-    method = config.get("method", "?")
+    method = config.method
     if method == "lora":
-        method += f" r={(config.get('lora') or {}).get('r', '?')}"
+        method += f" r={config.lora.r}"
     if method == "blocks":
-        method += f" {config.get('blocks')}"
+        method += f" {config.blocks}"
     grow = grow_label(config)
     return _on_domain(method if grow == "none" else f"{method}, grow {grow}", config)
 
