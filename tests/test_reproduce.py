@@ -6,7 +6,9 @@ import pytest
 
 from deepen.batches import HELDOUT_SETS
 from deepen.budget import shape_of
-from deepen.reproduce import check_claims, jobs_of, parse_sweep, plan_runs, rung_config, run
+from deepen.config import merged
+from deepen.reproduce import (MEASURED, PROFILES, check_claims, dry_run, jobs_of, parse_sweep, plan_runs,
+                              rung_config, run)
 
 
 def test_the_tiny_rung_plans_the_papers_comparisons():
@@ -17,8 +19,8 @@ def test_the_tiny_rung_plans_the_papers_comparisons():
     pro = by[("methods", "llama-pro")]
     assert by[("placement", "interleave")] == by[("n_blocks", "2 new")] == pro  # one run, used three times
     control = by[("methods", "every 4th original block")]
-    assert "blocks=[3, 7]" in control.overrides and "grow=null" in control.overrides  # no new parameters
-    trainable = {name: shape_of(rung_config("tiny", "cpu", list(r.overrides))).trainable for (x, name), r in by.items()
+    assert control.changes["blocks"] == [3, 7] and control.changes["grow"] is None  # no new parameters
+    trainable = {name: shape_of(rung_config("tiny", "cpu", r.changes)).trainable for (x, name), r in by.items()
                  if x == "methods"}
     lora = next(v for k, v in trainable.items() if k.startswith("lora"))
     assert trainable["every 4th original block"] == trainable["llama-pro"]  # the same blocks' worth of weights
@@ -26,39 +28,70 @@ def test_the_tiny_rung_plans_the_papers_comparisons():
     recovery = [v for x, v in by if x == "recovery"]
     assert recovery == ["base", "DUS m=2 (12 layers)", "stack m=0 (16 layers)"]
     assert [v for x, v in by if x == "init"] == ["zeroed (LLaMA Pro)", "plain copy", "random", "masked copy (MSG)"]
-    assert by[("init", "zeroed (LLaMA Pro)")] == pro and by[("control", "full on general")] == by[("recovery", "base")]
-    assert "data.domain=general" in by[("control", "llama-pro on general")].overrides
-    assert len({r.name for r in by.values()}) == 17  # distinct runs
+    assert by[("init", "zeroed (LLaMA Pro)")] == pro
+    assert by[("control", "full (SeqFT) on general")] == by[("recovery", "base")]
+    controls = [e for e in entries if e.experiment == "control"]
+    assert [e.controls for e in controls] == [v for x, v in by if x == "methods"]  # one control per method
+    for e in controls:  # the same run as the one it controls, on the general text
+        method = by[("methods", e.controls)].changes
+        assert e.run.changes == {**method, "data": {"domain": "general"}}
+    assert len({r.name for r in by.values()}) == 20  # distinct runs
 
 
 def test_the_smol_rung_plans_what_the_issue_asks_without_training():
     """SmolLM2 (30 layers) -> 36: the five methods with matched trainable counts, placement, 1/3/6/10/15 new
     blocks, four initialisations, the controls on general text and the recovery; every run the same tokens,
     schedule and held-out blocks; the CPU profile at least 100k tokens per run, the GPU one 20M with a sweep."""
-    for profile, tokens in (("cpu", 100_000), ("gpu", 20_000_000)):
+    for profile, tokens in (("cpu", 100_000), ("gpu", 3_000_000), ("gpu-long", 6_000_000)):
         entries = plan_runs("smol", profile)
         by = {(e.experiment, e.variant): e.run for e in entries}
         assert [v for x, v in by if x == "n_blocks"] == ["1 new", "3 new", "6 new", "10 new", "15 new"]
         assert [v for x, v in by if x == "methods"][:2] == ["llama-pro", "full (SeqFT)"]
-        trainable = {v: shape_of(rung_config("smol", profile, list(r.overrides))).trainable
+        trainable = {v: shape_of(rung_config("smol", profile, r.changes)).trainable
                      for (x, v), r in by.items() if x == "methods"}
-        lora = next(n for v, n in trainable.items() if v.startswith("lora"))
-        assert trainable["every 5th original block"] == trainable["llama-pro"] == 6 * 3_540_096
-        assert abs(lora / trainable["llama-pro"] - 1) < 0.02
-        configs = {r.name: rung_config("smol", profile, list(r.overrides)) for r in by.values()}
+        assert trainable["llama-pro"] == 6 * 3_540_096
+        if profile != "cpu":  # the CPU profile runs LLaMA Pro and full fine-tuning only
+            lora = next(n for v, n in trainable.items() if v.startswith("lora"))
+            assert trainable["every 5th original block"] == trainable["llama-pro"]
+            assert abs(lora / trainable["llama-pro"] - 1) < 0.02
+        configs = {r.name: rung_config("smol", profile, r.changes) for r in by.values()}
         budgets = {(c.train.steps, c.train.global_batch, c.data.seq_len, c.train.lr, c.train.seed,
                     c.train.eval_batches, c.data.general) for c in configs.values()}
         assert len(budgets) == 1  # the same tokens, schedule, seed and evaluation blocks for every run
         steps, batch, seq, *_ = budgets.pop()
         assert steps * batch * seq >= tokens
         assert {c.data.domain for c in configs.values()} == {"code", "wiki"}  # wiki: the controls and recovery
-    assert parse_sweep("lr=1e-4,3e-4") == [1e-4, 3e-4] and parse_sweep(None) == [None]
-    jobs = jobs_of(plan_runs("smol", "gpu")[:1], 2, parse_sweep("lr=1e-4,3e-4"), __import__("pathlib").Path("r"))
-    assert [j.folder.name for j in jobs] == ["llama-pro-6-lr0.0001-s0", "llama-pro-6-lr0.0001-s1",
-                                             "llama-pro-6-lr0.0003-s0", "llama-pro-6-lr0.0003-s1"]
-    assert "train.lr=0.0003" in jobs[2].overrides and "train.seed=1" in jobs[3].overrides
+    assert [v for x, v in {(e.experiment, e.variant) for e in plan_runs("smol", "cpu")} if x == "methods"] != []
+    assert parse_sweep("lr=1e-4,3e-4") == [1e-4, 3e-4] and parse_sweep(None) is None
+    base = rung_config("smol", "gpu")
+    jobs = jobs_of(plan_runs("smol", "gpu")[:1], 2, parse_sweep("lr=1e-4,3e-4"), __import__("pathlib").Path("r"), base)
+    assert [j.folder.name.rsplit("-", 1)[0] for j in jobs] == ["llama-pro-6-lr0.0001-s0", "llama-pro-6-lr0.0001-s1",
+                                                              "llama-pro-6-lr0.0003-s0", "llama-pro-6-lr0.0003-s1"]
+    assert jobs[2].config.train.lr == 3e-4 and jobs[3].config.train.seed == 1
+    assert len({j.config.key() for j in jobs}) == 4 and all(j.folder.name.endswith(j.config.key()) for j in jobs)
     with pytest.raises(ValueError, match="only the learning rate is swept"):
         parse_sweep("wd=0.1")
+
+
+def test_the_short_gpu_profile_fits_ten_minutes_of_an_h200_and_dry_run_says_so(capsys):
+    """Planned from the throughput measured on an H200 (deepen.reproduce.MEASURED), not from an assumed MFU: at
+    least 3M tokens per run, a two-rate sweep of every method, the controls, all inside 10 minutes."""
+    todo, seconds = dry_run("smol", "gpu")
+    assert MEASURED["H200"].date == "2026-12-04" and PROFILES["smol", "gpu"].card == "H200"
+    assert 0 < seconds <= 600
+    methods = [j for j in todo if j.entry.experiment == "methods"]
+    assert len({j.entry.variant for j in methods}) == 5 and len(methods) == 10  # two rates each
+    assert {j.entry.experiment for j in todo} == {"methods", "control"}
+    tokens = {j.config.train.steps * j.config.train.global_batch * j.config.data.seq_len for j in todo}
+    assert min(tokens) >= 3_000_000
+    long_todo, long_seconds = dry_run("smol", "gpu-long")
+    assert long_seconds > 3600 and len({j.entry.experiment for j in long_todo}) == 6
+    from deepen.cli import main
+
+    assert main(["reproduce", "--rung", "smol", "--profile", "gpu", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"planned on one NVIDIA H200: " in printed and f"({seconds / 60:.1f} minutes)" in printed
+    assert "measured there on 2026-12-04" in printed
 
 
 def test_each_rung_scores_on_its_named_heldout_set():
@@ -67,7 +100,7 @@ def test_each_rung_scores_on_its_named_heldout_set():
     for rung in ("tiny", "smol"):
         held = HELDOUT_SETS[rung]
         for entry in plan_runs(rung, "cpu"):
-            c = rung_config(rung, "cpu", list(entry.run.overrides))
+            c = rung_config(rung, "cpu", entry.run.changes)
             assert (c.data.seq_len, c.train.eval_batches * c.train.global_batch) == (held.seq_len, held.n_blocks)
             assert c.data.general == held.general, entry.run.name
         assert rung_config(rung, "cpu").data.domain == held.domain
@@ -137,3 +170,24 @@ def test_a_sweep_picks_on_validation_and_reports_on_test(tmp_path):
         run("huge")
     with pytest.raises(ValueError, match="profile='tpu'"):
         run("tiny", "tpu")
+
+
+def test_forgetting_net_of_repair_is_the_ratio_of_the_run_and_its_control(tmp_path, monkeypatch):
+    """A methods run and its control trained alike on general text: its net forgetting is the ratio of their
+    general perplexities on the same blocks (both against one base), with a paired interval; every run's drift
+    from the base is measured (drift.json) and summarised with its interval."""
+    import dataclasses
+
+    monkeypatch.setitem(PROFILES, ("tiny", "cpu"), dataclasses.replace(PROFILES["tiny", "cpu"], variants=("llama-pro",)))
+    results = run("tiny", seeds=1, jobs=1, experiments=("methods", "control"), root=tmp_path / "runs",
+                  out=tmp_path / "fig", progress=False,
+                  overrides=["train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=10"])
+    assert list(results["variant"]) == ["llama-pro", "llama-pro on general"]
+    summary = pd.read_csv(tmp_path / "fig" / "05_tiny_summary.csv").set_index("variant")
+    pro, control = summary.loc["llama-pro"], summary.loc["llama-pro on general"]
+    # the CSV holds 6 significant digits: equal to that precision
+    assert pro["net_forgetting"] == pytest.approx(pro["general_ppl_end"] / control["general_ppl_end"], rel=1e-5)
+    assert pro["net_forgetting_lo"] <= pro["net_forgetting"] <= pro["net_forgetting_hi"]
+    for measure in ("kl_text", "kl_heldout"):
+        assert (summary[measure] > 0).all() and (summary[f"{measure}_lo"] <= summary[measure]).all()
+    assert (tmp_path / "fig" / "05_tiny_drift_vs_gain.png").is_file()

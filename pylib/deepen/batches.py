@@ -78,6 +78,8 @@ class HeldoutSet:
     domain: str
     seq_len: int
     n_blocks: int
+    samples: int = 64  # general prompts the base continues (and questions it answers), for drift (deepen.forgetting)
+    sample_tokens: int = 128  # tokens the base writes for each
 
     def blocks(self, role: str, tokenizer) -> torch.Tensor:
         """The blocks (n_blocks, seq_len) of the `role` corpus ("general" or "domain"), tokenised by `tokenizer`."""
@@ -91,7 +93,8 @@ class HeldoutSet:
 
 
 HELDOUT_SETS = {
-    "tiny": HeldoutSet("the tiny held-out set", general="general", domain="code", seq_len=128, n_blocks=32),
+    "tiny": HeldoutSet("the tiny held-out set", general="general", domain="code", seq_len=128, n_blocks=32,
+                       samples=32, sample_tokens=64),
     "smol": HeldoutSet("the SmolLM2 held-out set", general="wiki", domain="code", seq_len=256, n_blocks=64),
 }
 

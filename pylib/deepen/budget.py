@@ -426,9 +426,8 @@ _SHAPES: dict[str, Shape] = {}
 
 
 def shape_cached(run: RunConfig) -> Shape:
-    """shape_of, once per distinct model, plan, method and sequence length (a sweep over GPU counts reuses it)."""
-    key = json.dumps([run.model, dataclasses.asdict(run.grow) if run.grow else None, run.method, run.also_train,
-                      dataclasses.asdict(run.lora), run.data.seq_len])
+    """shape_of, once per distinct run config (a sweep over GPU counts reuses it)."""
+    key = run.key()
     if key not in _SHAPES:
         _SHAPES[key] = shape_of(run)
     return _SHAPES[key]

@@ -10,34 +10,38 @@ set beside what we measured, and whether two numbers are within noise.
 4. init      — how the new blocks start: zeroed o_proj/down_proj (LLaMA Pro), a plain copy, random, or a full copy
                behind a mask ramped from 0 to 1 (MSG, arXiv 2305.02869); the zeroed and the masked are the base's
                function at step 0, exactly (step 0's perplexity equals the base's);
-5. control   — LLaMA Pro and full fine-tuning trained alike on *general* text: what training of any kind does to
-               general perplexity (on a dequantised Instruct model, repair) — to tell from forgetting;
+5. control   — each method trained alike on *general* text, at the rate its code run was chosen at: what training
+               of that kind does to general perplexity (on a dequantised Instruct model, repair), so that a code
+               run's general perplexity can be read against it ("net of repair");
 6. recovery  — SOLAR: depth up-scaling (drop m = L/4) vs plain stacking (m = 0) vs the base, all trained fully
                on general text: how much the growth costs at step 0 and how fast it recovers.
 
-Every run is one `deepen.train.train` of the rung's config with overrides, in runs/reproduce/<rung>/<run>-s<seed>;
-a finished run is read, not retrained, and a killed one resumes. Forgetting and gain are deepen.runs' (against the
-base), each with a 95% bootstrap interval over the held-out blocks; a learning-rate sweep (--sweep lr=a,b,c)
-picks each variant's rate on the validation half of the held-out blocks and reports the test half.
-Results: figures/05_<rung>[_gpu]_results.csv (one row per run), _summary.csv (per variant: seeds pooled, at the
-chosen rate), _claims.csv, and figures.
+Every run is one `deepen.train.train` of the rung's preset merged with the variant's changes (a RunConfig; its
+folder is named by the config's key, so runs with other settings never mix); a finished run is read, not retrained,
+and a killed one resumes. Forgetting and gain are deepen.runs' (against the base), each with a 95% bootstrap
+interval over the held-out blocks; the drift from the base that repair cannot fake (deepen.forgetting: KL on the
+base's own samples, exact KL on the held-out general blocks, the base's own answers) is measured on each finished
+run's model. A learning-rate sweep picks each variant's rate on the validation half of the held-out blocks and
+reports the test half.
 
-    deepen reproduce                                # the tiny rung: 13 runs x 2 seeds on 2 CPU cores
-    deepen reproduce --rung smol                    # SmolLM2 on a CPU: methods, placement, control
-    deepen reproduce --rung smol --profile gpu      # every experiment with a learning-rate sweep, on one GPU
-    deepen reproduce --rung smol --profile gpu --dry-run   # the runs and the planned GPU time, nothing trained
+A profile says what a rung runs where (`PROFILES`), planned from measured throughput (`MEASURED`):
+    deepen reproduce                                  # the tiny rung, every experiment, 2 seeds, 2 CPU cores
+    deepen reproduce --rung smol                      # SmolLM2 on a laptop CPU: LLaMA Pro against full fine-tuning
+    deepen reproduce --rung smol --profile gpu        # one H200, under 10 minutes: methods and their controls
+    deepen reproduce --rung smol --profile gpu-long   # an hour or more: every experiment, 3 seeds, more tokens
+    deepen reproduce --rung smol --profile gpu --dry-run   # the runs and the planned minutes, nothing trained
+Results: figures/05_<rung>[_<profile>]_results.csv (one row per run), _summary.csv (per variant: seeds pooled, at the
+chosen rate), _claims.csv, and figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -45,102 +49,211 @@ import numpy as np
 import pandas as pd
 
 from deepen import REPO, plots
+from deepen.batches import HELDOUT_SETS, heldout_blocks
 from deepen.budget import budget, duration, model_config, shape_of
-from deepen.config import load_config
+from deepen.config import GrowConfig, RunConfig, changes_of, load_config, merged
+from deepen.forgetting import MEASURES, measure
 from deepen.plan import llama_pro
 from deepen.rundir import read_metrics
-from deepen.runs import RunResult, within_noise
-from deepen.train import train
+from deepen.runs import RunResult, drift_difference, within_noise
+from deepen.train import model_folder, train
 
-CONFIGS = {("tiny", "cpu"): "configs/tiny-cpu.yaml", ("tiny", "gpu"): "configs/tiny-cpu.yaml",
-           ("smol", "cpu"): "configs/smol-cpu.yaml", ("smol", "gpu"): "configs/smol-gpu.yaml"}
 RUNGS = ("tiny", "smol")
-PROFILES = ("cpu", "gpu")
 EXPERIMENTS = ("methods", "placement", "n_blocks", "init", "control", "recovery")
-# What each profile runs by default: the CPU profile of SmolLM2 only what a laptop affords in about two hours.
-DEFAULT_EXPERIMENTS = {("smol", "cpu"): ("methods", "placement", "control")}
-DEFAULT_SEEDS = {"tiny": 2, "smol": 1}
-DEFAULT_SWEEP = {("smol", "gpu"): "lr=1e-4,3e-4,1e-3"}
 BLOCK_COUNTS = {"tiny": (1, 2, 4, 8), "smol": (1, 3, 6, 10, 15)}
 INITS = {"plan": "zeroed (LLaMA Pro)", "copy": "plain copy", "random": "random", "masked": "masked copy (MSG)"}
 
 
 @dataclass(frozen=True)
+class Profile:
+    """What `deepen reproduce --rung R --profile P` runs: the rung's preset with `changes`, these experiments, seeds
+    and learning rates, where `card` (a MEASURED row) plans its time; `shows` says what it can answer."""
+
+    preset: str
+    experiments: tuple[str, ...]
+    seeds: int
+    card: str
+    shows: str
+    changes: dict = field(default_factory=dict)
+    rates: dict[str, tuple[float, ...]] | None = None  # a sweep: learning rates by run kind (`kind`); None: preset's
+    variants: tuple[str, ...] | None = None  # methods variants to run (by their names' start; None: all)
+    controlled: tuple[str, ...] | None = None  # methods variants that get a control (None: all that run)
+
+
+# Rates of the short GPU profile, by kind of run: the methods that train a sixth of the weights or fewer (new blocks,
+# every 5th block, LoRA adapters) at LLaMA Pro's 2e-4 and 3x it, since they move the function less per step; full
+# fine-tuning at 2e-4 and a quarter of it, since at 2e-4 it moved the most of all (the measurement of 2026-12-04).
+SHORT_RATES = {"llama-pro": (2e-4, 6e-4), "blocks": (2e-4, 6e-4), "lora": (2e-4, 6e-4), "full": (5e-5, 2e-4),
+               "grown-full": (5e-5, 2e-4)}
+PROFILES = {
+    ("tiny", "cpu"): Profile("configs/tiny-cpu.yaml", EXPERIMENTS, 2, "cpu",
+                             "the papers' six comparisons on a 2M-parameter model of Shakespeare: forgetting shows "
+                             "(it is not repaired by training), but it is not a pretrained LLM"),
+    ("smol", "cpu"): Profile("configs/smol-cpu.yaml", ("methods",), 1, "cpu",
+                             "whether training only the new blocks moves SmolLM2's general function less than full "
+                             "fine-tuning on the same 123k code tokens (drift from the base); not the other methods, "
+                             "the controls or a learning-rate sweep, which need the GPU profile",
+                             variants=("llama-pro", "full")),
+    ("smol", "gpu"): Profile("configs/smol-gpu.yaml", ("methods", "control"), 1, "H200",
+                             "the five methods on 3M code tokens each with a two-rate sweep, their drift from the base "
+                             "and, for LLaMA Pro and full fine-tuning, their forgetting net of repair",
+                             changes={"train": {"steps": 46, "eval_every": 46, "save_every": 46}},
+                             rates=SHORT_RATES, controlled=("llama-pro", "full (SeqFT)")),
+    ("smol", "gpu-long"): Profile("configs/smol-gpu.yaml", EXPERIMENTS, 3, "H200",
+                                  "every experiment on 6M code tokens per run, 3 seeds, the two-rate sweep, a control "
+                                  "for every method",
+                                  changes={"train": {"steps": 96, "eval_every": 48, "save_every": 48}},
+                                  rates=SHORT_RATES),
+}
+PROFILES[("tiny", "gpu")] = PROFILES[("tiny", "cpu")]
+
+
+def profile_of(rung: str, profile: str) -> Profile:
+    if rung not in RUNGS:
+        raise ValueError(f"rung={rung!r} is not one of {', '.join(RUNGS)}")
+    known = [p for r, p in PROFILES if r == rung]
+    if profile not in known:
+        raise ValueError(f"profile={profile!r} is not one of {', '.join(known)} (the {rung} rung's profiles)")
+    return PROFILES[rung, profile]
+
+
+# --------------------------------------------------------------------------------------------- planned time
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Training throughput measured on one card for the smol rung's methods (deepen reproduce's own runs)."""
+
+    card: str
+    date: str
+    setup: str
+    tokens_per_s: dict[str, float]  # by kind of run (`kind`)
+    overhead_s: float  # per run: loading, evaluating at the start and the end, saving, measuring the drift
+    preset: str  # the config the runs were made with (their FLOPs per token scale the plan to other shapes)
+
+
+MEASURED = {
+    "H200": Measured("one NVIDIA H200", "2026-12-04", "configs/smol-gpu.yaml: sequences of 1,024, 4 micro-batches "
+                     "of 16, bf16; deepen reproduce --rung smol --profile gpu",
+                     {"llama-pro": 130_930, "full": 111_006, "lora": 63_546, "grown-full": 86_619, "blocks": 141_251},
+                     10.0, "configs/smol-gpu.yaml"),
+    "cpu": Measured("2 x86 cores with AVX2 (no native bf16)", "2026-12-01", "configs/smol-cpu.yaml: sequences of "
+                    "256, batches of 8, fp32; deepen reproduce --rung smol (figures/05_smol_results.csv then)",
+                    {"llama-pro": 77.6, "full": 61.3, "lora": 62.5, "grown-full": 52.9, "blocks": 66.5},
+                    600.0, "configs/smol-cpu.yaml"),
+}
+
+
+def kind(config: RunConfig) -> str:
+    """The kind of run throughput is measured by: its method, "grown-full" for full training of a grown model."""
+    return "grown-full" if config.method == "full" and config.grow is not None else config.method
+
+
+def planned_seconds(configs: list[RunConfig], card: str) -> float | None:
+    """Seconds the runs take one after another on `card` (a MEASURED row): each run's tokens at the measured
+    tokens/s of its kind, scaled by its FLOPs per token against the measured run's (deepen.budget), plus the
+    measured overhead per run; None for a card with no measurement."""
+    if card not in MEASURED:
+        return None
+    m = MEASURED[card]
+    reference = load_config(REPO / m.preset)
+    seconds = 0.0
+    for config in configs:
+        k = kind(config)
+        ref = dataclasses.replace(reference, method=config.method, grow=reference.grow if k in ("llama-pro",
+                                                                                               "grown-full") else None,
+                                  blocks=config.blocks, lora=config.lora)
+        tokens = config.train.steps * config.train.global_batch * config.data.seq_len
+        scale = budget(config).flops.model / budget(ref).flops.model
+        seconds += tokens / m.tokens_per_s[k] * scale + m.overhead_s
+    return seconds
+
+
+# --------------------------------------------------------------------------------------------- the runs
+
+
+@dataclass(frozen=True)
 class Run:
-    """One training run: a name (its folder, without the seed) and the overrides to the rung's config."""
+    """One training run: a name (its folder, without the rate, seed and key; the run's identity) and the changes to
+    the rung's preset (deepen.config.merged)."""
 
     name: str
-    overrides: tuple[str, ...]
+    changes: dict = field(compare=False, hash=False)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A row of an experiment: which run stands for which variant."""
+    """A row of an experiment: which run stands for which variant (and, for a control, the methods variant whose
+    general perplexity it is read against)."""
 
     experiment: str
     variant: str
     run: Run
+    controls: str | None = None
 
 
-def rung_config(rung: str, profile: str = "cpu", overrides: list[str] = ()):
-    if rung not in RUNGS:
-        raise ValueError(f"rung={rung!r} is not one of {', '.join(RUNGS)}")
-    if profile not in PROFILES:
-        raise ValueError(f"profile={profile!r} is not one of {', '.join(PROFILES)}")
-    return load_config(REPO / CONFIGS[rung, profile], list(overrides))
+def rung_config(rung: str, profile: str = "cpu", changes: dict | None = None) -> RunConfig:
+    """The rung's preset with the profile's changes and then `changes`."""
+    p = profile_of(rung, profile)
+    return merged(merged(load_config(REPO / p.preset), p.changes), changes or {})
 
 
-def _grow(groups: int, placement: str = "interleave", init: str = "plan") -> str:
-    return f"grow={{method: llama-pro, groups: {groups}, copies: 1, placement: {placement}, init: {init}}}"
+def _pro(groups: int, placement: str = "interleave", init: str = "plan") -> dict:
+    return {"grow": GrowConfig(method="llama-pro", groups=groups, copies=1, placement=placement, init=init),
+            "method": "llama-pro"}
 
 
-def lora_rank(config, target: int) -> int:
+def lora_rank(config: RunConfig, target: int) -> int:
     """The LoRA rank whose adapters (on the config's lora.targets of the base) have closest to `target` parameters."""
-    one = dataclasses.replace(config, grow=None, method="lora", lora=dataclasses.replace(config.lora, r=1))
+    one = merged(config, {"grow": None, "method": "lora", "lora": {"r": 1}})
     return max(1, round(target / shape_of(one).trainable))
 
 
-def plan_runs(rung: str, profile: str = "cpu", overrides: list[str] = ()) -> list[Entry]:
+def plan_runs(rung: str, profile: str = "cpu", changes: dict | None = None) -> list[Entry]:
     """The experiments' entries for a rung (its config's grow.groups is the reference LLaMA Pro run)."""
-    config = rung_config(rung, profile, overrides)
+    config = rung_config(rung, profile, changes)
     n = model_config(config.model).num_hidden_layers
     groups = config.grow.groups if config.grow and config.grow.method == "llama-pro" and config.grow.groups else 2
     plan = llama_pro(n, groups)
-    pro = Run(f"llama-pro-{groups}", (_grow(groups), "method=llama-pro"))
-    r = lora_rank(config, shape_of(rung_config(rung, profile, [*overrides, *pro.overrides])).trainable)
+    pro = Run(f"llama-pro-{groups}", _pro(groups))
+    r = lora_rank(config, shape_of(merged(config, pro.changes)).trainable)
     copied = sorted({plan.layers[i].source for i in plan.new_layers})
-    general = f"data.domain={config.data.general}"  # trained on the base's own kind of text
-    base_general = Run("general-full", ("grow=null", "method=full", general))
-    entries = [
-        Entry("methods", "llama-pro", pro),
-        Entry("methods", "full (SeqFT)", Run("full", ("grow=null", "method=full"))),
-        Entry("methods", f"lora r={r}", Run(f"lora-r{r}", ("grow=null", "method=lora", f"lora.r={r}"))),
-        Entry("methods", "grown, full", Run(f"grown-full-{groups}", (_grow(groups), "method=full"))),
-        Entry("methods", f"every {_ordinal(n // groups)} original block",
-              Run("blocks-" + "-".join(map(str, copied)), ("grow=null", "method=blocks", f"blocks={copied}"))),
+    general = {"data": {"domain": config.data.general}}  # trained on the base's own kind of text
+    methods = [
+        ("llama-pro", pro),
+        ("full (SeqFT)", Run("full", {"grow": None, "method": "full"})),
+        (f"lora r={r}", Run(f"lora-r{r}", {"grow": None, "method": "lora", "lora": {"r": r}})),
+        ("grown, full", Run(f"grown-full-{groups}", {**_pro(groups), "method": "full"})),
+        (f"every {_ordinal(n // groups)} original block",
+         Run("blocks-" + "-".join(map(str, copied)), {"grow": None, "method": "blocks", "blocks": copied})),
     ]
+    entries = [Entry("methods", variant, run) for variant, run in methods]
     for placement in ("interleave", "top", "bottom"):
-        run = pro if placement == "interleave" else Run(f"llama-pro-{groups}-{placement}",
-                                                         (_grow(groups, placement), "method=llama-pro"))
+        run = pro if placement == "interleave" else Run(f"llama-pro-{groups}-{placement}", _pro(groups, placement))
         entries.append(Entry("placement", placement, run))
     for g in (g for g in BLOCK_COUNTS[rung] if n % g == 0):
-        run = pro if g == groups else Run(f"llama-pro-{g}", (_grow(g), "method=llama-pro"))
-        entries.append(Entry("n_blocks", f"{g} new", run))
+        entries.append(Entry("n_blocks", f"{g} new", pro if g == groups else Run(f"llama-pro-{g}", _pro(g))))
     for init, label in INITS.items():
-        run = pro if init == "plan" else Run(f"llama-pro-{groups}-{init}", (_grow(groups, init=init), "method=llama-pro"))
+        run = pro if init == "plan" else Run(f"llama-pro-{groups}-{init}", _pro(groups, init=init))
         entries.append(Entry("init", label, run))
-    entries += [
-        Entry("control", "llama-pro on general", Run(f"general-llama-pro-{groups}", (*pro.overrides, general))),
-        Entry("control", "full on general", base_general),
-    ]
+    base_general = Run("general-full", {"grow": None, "method": "full", **general})
+    for variant, run in methods:
+        on_general = base_general if run.name == "full" else Run(f"general-{run.name}", {**run.changes, **general})
+        entries.append(Entry("control", f"{variant} on general", on_general, controls=variant))
     m = n // 4
     entries += [
         Entry("recovery", "base", base_general),
         Entry("recovery", f"DUS m={m} ({2 * (n - m)} layers)",
-              Run(f"general-dus-{m}", (f"grow={{method: dus, drop: {m}}}", "method=full", general))),
+              Run(f"general-dus-{m}", {"grow": GrowConfig(method="dus", drop=m), "method": "full", **general})),
         Entry("recovery", f"stack m=0 ({2 * n} layers)",
-              Run("general-stack", ("grow={method: dus, drop: 0}", "method=full", general))),
+              Run("general-stack", {"grow": GrowConfig(method="dus", drop=0), "method": "full", **general})),
     ]
+    p = PROFILES[rung, profile]
+    if p.variants is not None:  # the profile's methods variants (and their controls)
+        entries = [e for e in entries if e.experiment not in ("methods", "control")
+                   or (e.controls or e.variant).startswith(p.variants)]
+    if p.controlled is not None:
+        entries = [e for e in entries if e.experiment != "control" or e.controls.startswith(p.controlled)]
     return entries
 
 
@@ -148,10 +261,10 @@ def _ordinal(k: int) -> str:
     return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
 
 
-def parse_sweep(sweep: str | None) -> list[float | None]:
-    """The learning rates of "lr=1e-4,3e-4,1e-3" ([None]: no sweep, the config's own rate)."""
+def parse_sweep(sweep: str | None) -> list[float] | None:
+    """The learning rates of "lr=1e-4,3e-4,1e-3" (None: no sweep)."""
     if not sweep:
-        return [None]
+        return None
     key, _, values = sweep.partition("=")
     if key.strip() != "lr" or not values:
         raise ValueError(f"--sweep {sweep!r}: write lr=a,b,c (only the learning rate is swept)")
@@ -166,29 +279,37 @@ def parse_sweep(sweep: str | None) -> list[float | None]:
 
 @dataclass(frozen=True)
 class Job:
-    """One run to train: an entry's run at one seed and learning rate, in its folder."""
+    """One run to train: an entry's run at one seed and learning rate, as a whole config (its out: its folder)."""
 
     entry: Entry
     seed: int
-    lr: float | None
-    folder: Path
-    overrides: tuple[str, ...]
+    lr: float | None  # a swept rate (None: the preset's)
+    config: RunConfig = field(hash=False, compare=False)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.out)
 
 
-def jobs_of(entries: list[Entry], seeds: int, rates: list, root: Path, overrides=()) -> list[Job]:
+def jobs_of(entries: list[Entry], seeds: int, rates, root: Path, base: RunConfig) -> list[Job]:
+    """The jobs of `entries`: each run at each of its rates (`rates`: one list for every run, or a dict by `kind`,
+    or None for the preset's) and seed, each in root/<name>[-lr<rate>]-s<seed>-<config key>."""
     out = []
     for e in entries:
-        for lr in rates:
+        config = merged(base, e.run.changes)
+        by_kind = rates.get(kind(config)) if isinstance(rates, dict) else rates
+        for lr in by_kind or [None]:
             for seed in range(seeds):
+                job = merged(config, {"train": {"seed": seed, **({"lr": lr} if lr is not None else {})}})
                 name = e.run.name + (f"-lr{lr:g}" if lr is not None else "") + f"-s{seed}"
-                extra = (f"train.lr={lr}",) if lr is not None else ()
-                out.append(Job(e, seed, lr, root / name, (*overrides, *e.run.overrides, *extra, f"train.seed={seed}")))
+                job.out = str(root / f"{name}-{job.key()}")
+                out.append(Job(e, seed, lr, job))
     return out
 
 
 def _one(args: tuple) -> None:
     """Train one run (in a worker process); a finished run returns at once."""
-    config_path, overrides, out, threads = args
+    config, threads = args
     import torch
     from transformers.utils import logging
 
@@ -196,62 +317,83 @@ def _one(args: tuple) -> None:
     logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)
-    train(load_config(config_path, list(overrides) + [f"out={out}"]), progress=False)
+    train(config, progress=False)
 
 
-def planned_seconds(rung: str, profile: str, jobs: list[Job]) -> float:
-    """The GPU time the runs would take on one H100 at deepen.budget's default MFU (40%)."""
-    seconds = 0.0
-    for job in {j.folder.name.rsplit("-s", 1)[0]: j for j in jobs}.values():  # seeds: the same cost each
-        seconds += budget(rung_config(rung, profile, list(job.overrides)), gpus=1).seconds
-    return seconds * len({j.seed for j in jobs})
-
-
-def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs: int = 2, overrides: list[str] = (),
-        root: str | Path | None = None, experiments: tuple[str, ...] | None = None, sweep: str | None = None,
-        threads: int | None = 1, progress: bool = True, out: str | Path | None = None) -> pd.DataFrame:
-    """Run (or pick up the finished) runs of `experiments` for `seeds` seeds (and each rate of `sweep`) with `jobs`
-    processes; write the CSVs and figures into `out` (default figures/); return the per-run results. `overrides`
-    apply to every run (e.g. train.steps=20); runs with overrides go to their own folder, so they never mix with
-    the default ones. threads: torch threads per run (None: as they are)."""
-    from tqdm.auto import tqdm
-
-    rung_config(rung, profile, overrides)  # a bad rung or override fails here, before any work
-    experiments = experiments or DEFAULT_EXPERIMENTS.get((rung, profile), EXPERIMENTS)
-    unknown = set(experiments) - set(EXPERIMENTS)
-    if unknown:
-        raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
-    seeds = DEFAULT_SEEDS[rung] if seeds is None else seeds
-    if seeds < 1 or jobs < 1:
-        raise ValueError(f"seeds and jobs must be at least 1, got seeds={seeds}, jobs={jobs}")
-    rates = parse_sweep(sweep)
-    todo = jobs_of([e for e in plan_runs(rung, profile, overrides) if e.experiment in experiments], seeds, rates,
-                   Path(root) if root is not None else runs_root(rung, profile, overrides), overrides)
-    distinct = {job.folder: job for job in todo}
-    config_path = str(REPO / CONFIGS[rung, profile])
-    bar = tqdm(total=len(distinct), desc=f"reproduce {rung} ({profile}): {len(distinct)} runs", disable=not progress)
-    work = [(config_path, job.overrides, job.folder, threads) for job in distinct.values()]
-    if jobs == 1:
+def _train_all(jobs: list[Job], workers: int, threads: int | None, bar) -> None:
+    work = [(job.config, threads) for job in {job.folder: job for job in jobs}.values()]
+    if workers == 1:
         for args in work:
             _one(args)
             bar.update()
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            try:
-                for future in as_completed([pool.submit(_one, args) for args in work]):
-                    future.result()  # a failed run fails the whole reproduction, with its error
-                    bar.update()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # not the runs queued behind it
-                raise
-    bar.close()
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        try:
+            for future in as_completed([pool.submit(_one, args) for args in work]):
+                future.result()  # a failed run fails the whole reproduction, with its error
+                bar.update()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # not the runs queued behind it
+            raise
 
-    part = "test" if rates != [None] else "all"
+
+def _at_chosen_rates(controls: list[Job], chosen: dict[str, float], seeds: int, root: Path,
+                     base: RunConfig) -> list[Job]:
+    """The control jobs, each at the rate its methods variant was chosen at (its own jobs, rate-less, otherwise)."""
+    out = []
+    for job in controls:
+        lr = chosen.get(job.entry.controls)
+        if lr is None:
+            out.append(job)
+        elif not any(j.entry == job.entry and j.seed == job.seed and j.lr == lr for j in out):
+            out += [j for j in jobs_of([job.entry], seeds, [lr], root, base) if j.seed == job.seed]
+    return out
+
+
+def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs: int = 2,
+        overrides: list[str] = (), root: str | Path | None = None, experiments: tuple[str, ...] | None = None,
+        sweep: str | None = None, threads: int | None = 1, progress: bool = True,
+        out: str | Path | None = None) -> pd.DataFrame:
+    """Run (or pick up the finished) runs of the profile's experiments (or `experiments`) for `seeds` seeds with
+    `jobs` processes, at the profile's learning rates (or those of `sweep`, "lr=a,b"; "" for none); measure each
+    finished run's drift from the base; write the CSVs and figures into `out` (default figures/); return the
+    per-run results. `overrides` ("key=value") apply to every run. Controls train after the runs they control, at
+    the rate chosen for them. threads: torch threads per run (None: as they are)."""
+    from tqdm.auto import tqdm
+
+    p = profile_of(rung, profile)
+    base = rung_config(rung, profile, changes_of(list(overrides)))  # a bad override fails here, before any work
+    experiments = experiments or p.experiments
+    unknown = set(experiments) - set(EXPERIMENTS)
+    if unknown:
+        raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    seeds = p.seeds if seeds is None else seeds
+    if seeds < 1 or jobs < 1:
+        raise ValueError(f"seeds and jobs must be at least 1, got seeds={seeds}, jobs={jobs}")
+    rates = parse_sweep(sweep) if sweep is not None else p.rates
+    root = Path(root) if root is not None else runs_root(rung, profile)
+    entries = [e for e in plan_runs(rung, profile, changes_of(list(overrides))) if e.experiment in experiments]
+    first = jobs_of([e for e in entries if e.controls is None], seeds, rates, root, base)
+    later = jobs_of([e for e in entries if e.controls is not None], seeds, None, root, base)
+    bar = tqdm(total=len({j.folder for j in first}) + len({j.entry.run for j in later}) * seeds,
+               desc=f"reproduce {rung} ({profile})", disable=not progress)
+    _train_all(first, jobs, threads, bar)
+    part = "test" if rates else "all"
+    chosen = {}
+    if rates and later:  # the controls at the rate chosen for the methods variant each controls
+        results = pd.DataFrame([_row(job, part) for job in first])
+        chosen = {variant: lr for (experiment, variant), lr in chosen_rates(results).items() if experiment == "methods"}
+        later = _at_chosen_rates(later, chosen, seeds, root, base)
+    _train_all(later, jobs, threads, bar)
+    bar.close()
+    todo = first + later
+    measure_drift(todo, base, progress)
+
     results = pd.DataFrame([_row(job, part) for job in todo])
     pooled = pool_seeds(todo, results)
-    summary = summarise(results, pooled)
+    summary = summarise(results, pooled, todo)
     claims = check_claims(summary, pooled)
-    prefix = f"05_{rung}" + ("" if profile == "cpu" else f"_{profile}")
+    prefix = results_prefix(rung, profile)
     out = Path(out) if out is not None else plots.figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / f"{prefix}_results.csv", index=False, float_format="%.6g")
@@ -261,21 +403,54 @@ def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs
     return results
 
 
-def runs_root(rung: str, profile: str, overrides=()) -> Path:
-    """runs/reproduce/<rung>[-gpu][-<hash of the overrides>] in the repository (else the working directory)."""
-    suffix = ("" if profile == "cpu" else f"-{profile}") + (
-        "-" + hashlib.sha256(json.dumps(list(overrides)).encode()).hexdigest()[:8] if overrides else "")
+def results_prefix(rung: str, profile: str) -> str:
+    """figures/05_<rung>[_<profile>]: the CPU profile's tables without a suffix."""
+    return f"05_{rung}" + ("" if profile == "cpu" else f"_{profile.replace('-', '_')}")
+
+
+def runs_root(rung: str, profile: str) -> Path:
+    """runs/reproduce/<rung>[-<profile>] in the repository (else the working directory)."""
+    suffix = "" if profile == "cpu" else f"-{profile}"
     return (REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()) / "runs" / "reproduce" / f"{rung}{suffix}"
+
+
+def measure_drift(jobs: list[Job], base: RunConfig, progress: bool = True) -> None:
+    """Each finished run's drift from the base (deepen.forgetting), scored once per run folder (drift.json): on
+    the rung's held-out general blocks and the base's own samples, on a GPU where there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    todo = [job for job in {j.folder: j for j in jobs}.values() if not (job.folder / "drift.json").is_file()]
+    if not todo:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = model_folder(base.model, progress)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    held = _heldout_set(base)
+    blocks = heldout_blocks(base.data.general, tokenizer, base.data.seq_len,
+                            base.train.eval_batches * base.train.global_batch)
+    say = print if progress else (lambda _: None)
+    from tqdm.auto import tqdm
+
+    for job in tqdm(todo, desc="drift from the base", disable=not progress):
+        measure(job.folder, model, path, tokenizer, base.data.general, blocks, samples=held.samples,
+                new_tokens=held.sample_tokens, batch_size=base.train.micro_batch, progress=say)
+
+
+def _heldout_set(config: RunConfig):
+    """The named held-out set of the rung whose general corpus the config scores on (its sample sizes)."""
+    return next((h for h in HELDOUT_SETS.values() if h.general == config.data.general), HELDOUT_SETS["smol"])
 
 
 def _row(job: Job, part: str) -> dict:
     run = RunResult.read(job.folder)
     if not run.evaluations:
         raise ValueError(f"{job.folder} has no per-block losses (made by an older deepen): remove it to train it again")
-    shape = shape_of(load_config(job.folder / "config.yaml"))
+    shape = shape_of(run.config)
     return {
         "experiment": job.entry.experiment, "variant": job.entry.variant, "run": job.entry.run.name,
-        "seed": job.seed, "lr": run.config["train"]["lr"], "part": part, "method": run.config["method"],
+        "seed": job.seed, "lr": run.config.train.lr, "part": part, "method": run.config.method,
         "layers": len(shape.blocks), "params": shape.params, "trainable_params": shape.trainable,
         **run.summary(part), "validation_domain_ppl": run.ppl("domain", "last", "validation" if part == "test"
                                                                  else "all"),
@@ -290,44 +465,60 @@ def _shown(folder: Path) -> str:
     return str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder)
 
 
+def chosen_rates(results: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """{(experiment, variant): the learning rate with the lowest validation domain perplexity (mean over seeds)}; a
+    control's is the one it ran at. A diverged rate (nan or inf) is never chosen over a finite one."""
+    scores = results.assign(score=results["validation_domain_ppl"].where(np.isfinite(results["validation_domain_ppl"]),
+                                                                          np.inf))
+    return (scores.groupby(["experiment", "variant", "lr"], sort=False)["score"].mean().reset_index()
+            .sort_values("score", kind="stable").groupby(["experiment", "variant"], sort=False).first()["lr"].to_dict())
+
+
 def pool_seeds(jobs: list[Job], results: pd.DataFrame) -> dict[tuple[str, str], RunResult]:
-    """{(experiment, variant): the seeds of its chosen learning rate pooled into one result}. The rate chosen is the
-    one with the lowest validation domain perplexity (mean over seeds); without a sweep, the config's."""
-    chosen = (results.groupby(["experiment", "variant", "lr"], sort=False)["validation_domain_ppl"].mean()
-              .reset_index().sort_values("validation_domain_ppl").groupby(["experiment", "variant"], sort=False)
-              .first()["lr"])
+    """{(experiment, variant): the seeds of its chosen learning rate pooled into one result}."""
     pooled = {}
-    for key, lr in chosen.items():
+    for key, lr in chosen_rates(results).items():
         runs = [RunResult.read(j.folder) for j in jobs if (j.entry.experiment, j.entry.variant) == key
-                and (j.lr is None or np.isclose(j.lr, lr))]
+                and np.isclose(j.config.train.lr, lr)]
+        runs = list({r.folder: r for r in runs}.values())
         pooled[key] = RunResult.pooled(runs, results["part"].iloc[0])
     return pooled
 
 
-def summarise(results: pd.DataFrame, pooled: dict[tuple[str, str], RunResult]) -> pd.DataFrame:
+def summarise(results: pd.DataFrame, pooled: dict[tuple[str, str], RunResult], jobs: list[Job] = ()) -> pd.DataFrame:
     """One row per experiment and variant at its chosen learning rate: the seeds pooled (per-block losses averaged,
     so perplexities are geometric means over seeds), forgetting and gain with their 95% intervals over the held-out
-    blocks, and their spread (max - min) over seeds."""
+    blocks, their spread (max - min) over seeds, the drift measures with theirs, and for a methods variant with a
+    control its forgetting net of repair: its general perplexity over its control's (`net_forgetting`)."""
+    controls = {e.controls: (e.experiment, e.variant) for e in {j.entry for j in jobs} if e.controls}
     rows = []
     for (experiment, variant), result in pooled.items():
-        lr = result.config["train"]["lr"]
+        lr = result.config.train.lr
         part = results[(results["experiment"] == experiment) & (results["variant"] == variant)
                        & np.isclose(results["lr"], lr)]
         first = part.iloc[0]
-        rows.append({"experiment": experiment, "variant": variant, "run": first["run"], "lr": lr,
-                     "swept": results.loc[(results["experiment"] == experiment) & (results["variant"] == variant),
-                                          "lr"].nunique() > 1,
-                     "part": first["part"], "layers": int(first["layers"]), "params": int(first["params"]),
-                     "trainable_params": int(first["trainable_params"]), **result.summary(first["part"]),
-                     "seeds": len(part), "forgetting_spread": part["forgetting"].max() - part["forgetting"].min(),
-                     "gain_spread": part["gain"].max() - part["gain"].min(),
-                     "tokens_per_s": part["tokens_per_s"].mean(), "train_seconds": part["train_seconds"].mean()})
+        row = {"experiment": experiment, "variant": variant, "run": first["run"], "lr": lr,
+               "swept": results.loc[(results["experiment"] == experiment) & (results["variant"] == variant),
+                                    "lr"].nunique() > 1,
+               "part": first["part"], "layers": int(first["layers"]), "params": int(first["params"]),
+               "trainable_params": int(first["trainable_params"]), **result.summary(first["part"]),
+               "seeds": len(part), "forgetting_spread": part["forgetting"].max() - part["forgetting"].min(),
+               "gain_spread": part["gain"].max() - part["gain"].min(),
+               "tokens_per_s": part["tokens_per_s"].mean(), "train_seconds": part["train_seconds"].mean()}
+        control = pooled.get(controls.get(variant)) if experiment == "methods" else None
+        if control is not None:
+            row["net_forgetting"], row["net_forgetting_lo"], row["net_forgetting_hi"] = within_noise(
+                result, control, "forgetting")
+            row["control_lr"] = control.config.train.lr
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 PAPER = {  # LLaMA Pro (arXiv 2401.02415) ablations and SOLAR (arXiv 2312.15166), as the papers state them
     "retention": "general retention: LoRA > expansion >= full fine-tuning (law domain, general avg: LoRA 58.15, "
                  "+8 blocks 56.70, full 55.01)",
+    "retention_drift": "the same ordering, read as drift from the base's own function (KL on its own samples; the "
+                       "papers measured benchmarks, not drift)",
     "gain": "domain gain: expansion > full fine-tuning > LoRA (law score: +8 blocks 75.11, full 70.63, LoRA 65.34)",
     "bottom": "blocks at the bottom are the worst placement on both axes: 8 at the bottom collapse (general 29.36, "
               "law 0.81) where interleaved keep 56.70 / 75.11 and the top 56.19 / 60.98",
@@ -335,25 +526,33 @@ PAPER = {  # LLaMA Pro (arXiv 2401.02415) ablations and SOLAR (arXiv 2312.15166)
     "control": "training every 4th original block: no number in the paper (users asked for it)",
     "init": "zero-initialised o_proj/down_proj: the paper argues for it (a zeroed RMSNorm scale would not learn) "
             "but compares no other initialisation",
-    "repair": "no claim in the papers: training on the base's own kind of text, to tell forgetting from what any "
-              "training does to general perplexity",
+    "repair": "no claim in the papers: each method trained alike on the base's own kind of text, to tell forgetting "
+              "from what any training does to general perplexity",
     "recovery": "SOLAR: dropping m layers at the seam reduces the discrepancy vs stacking and recovers fast in "
                 "continued pretraining (no curves or numbers given)",
 }
 VERDICTS = ("yes", "no", "within noise", "n/a")
+DRIFT_ORDER = ("kl_text", "kl_heldout")  # the drift measure claims are read on: the base's samples where there are
 
 
 def compare(pooled: dict, a: tuple[str, str], b: tuple[str, str], metric: str, relation: str) -> str:
-    """Whether a's `metric` is `relation` ("<", "<=", ">") b's: "yes", "no", or "within noise" when the 95% interval
-    of the paired ratio holds 1 and the relation is strict; point estimates alone when there are no intervals."""
+    """Whether a's `metric` is `relation` ("<", "<=", ">") b's: "yes" or "no" when the 95% interval of the paired
+    comparison excludes equality, "within noise" when it holds it (a claim holds only beyond noise), "n/a" without
+    both. metric: "forgetting", "gain" (ratios against the base) or a drift measure (differences)."""
     ra, rb = pooled.get(a), pooled.get(b)
     if ra is None or rb is None:
         return "n/a"
-    ratio, lo, hi = within_noise(ra, rb, metric)
-    wants_below = relation in ("<", "<=")
-    if lo <= 1 <= hi:  # cannot tell the two apart
-        return "yes" if relation == "<=" else "within noise"
-    return "yes" if (hi < 1) == wants_below else "no"
+    if metric in MEASURES:
+        if metric not in ra.drift or metric not in rb.drift:
+            return "n/a"
+        _, lo, hi = drift_difference(ra, rb, metric)
+        lo, hi, one = lo, hi, 0.0
+    else:
+        _, lo, hi = within_noise(ra, rb, metric)
+        one = 1.0
+    if lo <= one <= hi:  # cannot tell the two apart
+        return "within noise"
+    return "yes" if (hi < one) == (relation in ("<", "<=")) else "no"
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -363,10 +562,15 @@ def _combine(verdicts: list[str]) -> str:
     return "yes"
 
 
+def drift_measure(row) -> str | None:
+    """The drift measure a summary row has, in DRIFT_ORDER (None: not measured)."""
+    return next((m for m in DRIFT_ORDER if m in row and pd.notna(row[m])), None)
+
+
 def check_claims(summary: pd.DataFrame, pooled: dict | None = None) -> pd.DataFrame:
     """Each paper claim beside what we measured and whether it holds here: "yes", "no", "within noise" (the 95%
-    interval of a paired comparison it rests on holds 1), or "n/a" where the paper states no ordering. Without
-    `pooled` (per-block losses) the verdicts use the point estimates."""
+    interval of a paired comparison it rests on holds equality), or "n/a" where the paper states no ordering.
+    Without `pooled` (per-block losses) the verdicts use the point estimates."""
     def get(experiment: str, prefix: str) -> pd.Series | None:
         rows = summary[(summary["experiment"] == experiment) & summary["variant"].str.startswith(prefix)]
         return rows.iloc[0] if len(rows) else None
@@ -385,23 +589,29 @@ def check_claims(summary: pd.DataFrame, pooled: dict | None = None) -> pd.DataFr
     def claim(name: str, measured: str, verdict: str) -> None:
         rows.append({"claim": name, "paper": PAPER[name], "measured": measured, "holds_here": verdict})
 
-    def interval(row, metric: str) -> str:
+    def interval(row, metric: str, digits: int = 2) -> str:
         lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
-        return "" if lo is None or pd.isna(lo) else f" [{lo:.2f}, {hi:.2f}]"
+        return "" if lo is None or pd.isna(lo) else f" [{lo:.{digits}f}, {hi:.{digits}f}]"
 
     pro, full, lora = get("methods", "llama-pro"), get("methods", "full"), get("methods", "lora")
     if pro is not None and full is not None and lora is not None:
         named = (("LoRA", lora), ("expansion", pro), ("full", full))
-        claim("retention", "general perplexity x " + ", ".join(f"{k} {v['forgetting']:.2f}{interval(v, 'forgetting')}"
-                                                               for k, v in named),
+        claim("retention", "general perplexity x " + ", ".join(f"{k} {v['forgetting']:.3f}"
+                                                               f"{interval(v, 'forgetting', 3)}" for k, v in named),
               _combine([holds(lora, pro, "forgetting", "<"), holds(pro, full, "forgetting", "<=")]))
-        claim("gain", "domain perplexity / " + ", ".join(f"{k} {v['gain']:.2f}{interval(v, 'gain')}" for k, v in named),
+        kl = drift_measure(pro)
+        if kl is not None and all(drift_measure(v) == kl for _, v in named):
+            claim("retention_drift", f"{kl} (nats per token) " + ", ".join(
+                f"{k} {v[kl]:.4f}{interval(v, kl, 4)}" for k, v in named),
+                  _combine([holds(lora, pro, kl, "<"), holds(pro, full, kl, "<=")]))
+        claim("gain", "domain perplexity / " + ", ".join(f"{k} {v['gain']:.3f}{interval(v, 'gain', 3)}"
+                                                         for k, v in named),
               _combine([holds(pro, full, "gain", ">"), holds(full, lora, "gain", ">")]))
     control = get("methods", "every")
     if pro is not None and control is not None:
-        claim("control", f"{control['variant']}: general x{control['forgetting']:.2f}, domain /{control['gain']:.2f} "
-                         f"({control['trainable_params']:,} trainable) vs llama-pro x{pro['forgetting']:.2f}, "
-                         f"/{pro['gain']:.2f} ({pro['trainable_params']:,} trainable)", "n/a")
+        claim("control", f"{control['variant']}: general x{control['forgetting']:.3f}, domain /{control['gain']:.3f} "
+                         f"({control['trainable_params']:,} trainable) vs llama-pro x{pro['forgetting']:.3f}, "
+                         f"/{pro['gain']:.3f} ({pro['trainable_params']:,} trainable)", "n/a")
     inter, top, bottom = get("placement", "interleave"), get("placement", "top"), get("placement", "bottom")
     if inter is not None and top is not None and bottom is not None:
         claim("bottom", "general x / domain /: " + ", ".join(f"{v['variant']} {v['forgetting']:.2f} / {v['gain']:.2f}"
@@ -420,10 +630,12 @@ def check_claims(summary: pd.DataFrame, pooled: dict | None = None) -> pd.DataFr
     if len(inits):
         claim("init", "general x / domain / by initialisation: " + ", ".join(
             f"{v['variant']} {v['forgetting']:.2f} / {v['gain']:.2f}" for _, v in inits.iterrows()), "n/a")
-    controls = summary[summary["experiment"] == "control"]
-    if len(controls):
-        claim("repair", "trained on general text, general x: " + ", ".join(
-            f"{v['variant']} {v['forgetting']:.2f}{interval(v, 'forgetting')}" for _, v in controls.iterrows()), "n/a")
+    if "net_forgetting" in summary:
+        net = summary[summary["net_forgetting"].notna()]
+        if len(net):
+            claim("repair", "general perplexity after code / after the same training on general text: " + ", ".join(
+                f"{v['variant']} x{v['net_forgetting']:.3f}{interval(v, 'net_forgetting', 3)}"
+                for _, v in net.iterrows()), "n/a")
     rec = summary[summary["experiment"] == "recovery"]
     dus_row, stack_row = get("recovery", "DUS"), get("recovery", "stack")
     if dus_row is not None and stack_row is not None:
@@ -486,25 +698,79 @@ def figures(results: pd.DataFrame, summary: pd.DataFrame, prefix: str, out: str 
             ax.legend(fontsize=8, title=None)
         paths.append(plots.save(fig, f"{prefix}_{experiment}_curves", out))
         plt.close(fig)
-    return paths
+    drift = drift_figure(summary, prefix, out)
+    return paths + ([drift] if drift else [])
+
+
+
+def drift_figure(summary: pd.DataFrame, prefix: str, out: str | Path | None = None) -> Path | None:
+    """The methods' domain gain against each drift measure they have (deepen.forgetting): x the drift from the
+    base (0: the base's own function; right is worse), y the gain, each with its 95% interval. None without drift."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    part = summary[summary["experiment"] == "methods"]
+    measures = [m for m in MEASURES if m in part and part[m].notna().any()]
+    if not measures or not len(part):
+        return None
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.8 * len(measures), 4.4), squeeze=False, layout="constrained")
+    colors = dict(zip(part["variant"], sns.color_palette("tab10", len(part))))
+    for ax, name in zip(axes[0], measures):
+        for _, row in part.iterrows():
+            xerr = [[row[name] - row[f"{name}_lo"]], [row[f"{name}_hi"] - row[name]]]
+            yerr = [[row["gain"] - row.get("gain_lo", row["gain"])], [row.get("gain_hi", row["gain"]) - row["gain"]]]
+            ax.errorbar(row[name], row["gain"], xerr=xerr, yerr=yerr, fmt="o", ms=7, capsize=3,
+                        color=colors[row["variant"]], label=row["variant"])
+        ax.axvline(0, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel=f"{name} (nats per token)", ylabel="gain: domain ppl base / end", title=name)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.suptitle("Domain gain against drift from the base's own function (left is less drift; bars: 95% intervals)")
+    path = plots.save(fig, f"{prefix}_drift_vs_gain", out)
+    plt.close(fig)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rung", default="tiny", choices=RUNGS, help="tiny (a few-million-parameter base) or smol "
                                                                       "(SmolLM2-135M-Instruct)")
-    parser.add_argument("--profile", choices=PROFILES,
-                        help="cpu or gpu: which config and experiments (default: gpu when CUDA is present)")
-    parser.add_argument("--seeds", type=int, help="seeds per run (default: tiny 2, smol 1)")
+    profiles = sorted({p for _, p in PROFILES})
+    parser.add_argument("--profile", choices=profiles,
+                        help="what to run where (default: gpu when CUDA is present, else cpu): " + "; ".join(
+                            f"{r} {p}: {PROFILES[r, p].shows}" for r, p in PROFILES if (r, p) != ("tiny", "gpu")))
+    parser.add_argument("--seeds", type=int, help="seeds per run (default: the profile's)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs at once, one process each (default: 2; use 1 on one GPU)")
     parser.add_argument("--experiments", help=f"comma list of {', '.join(EXPERIMENTS)} (default: the profile's)")
-    parser.add_argument("--sweep", help="a learning-rate sweep, e.g. lr=1e-4,3e-4,1e-3: each variant's rate is "
+    parser.add_argument("--sweep", help="learning rates for every run, e.g. lr=1e-4,3e-4,1e-3: each variant's rate is "
                                         "chosen on the validation half of the held-out blocks, reported on the test "
-                                        "half (default: smol's gpu profile lr=1e-4,3e-4,1e-3; none elsewhere)")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs and their planned GPU time; train nothing")
-    parser.add_argument("--root", help="folder of the runs (default runs/reproduce/<rung>)")
+                                        "half; \"\" for none (default: the profile's rates)")
+    parser.add_argument("--card", help=f"--dry-run: plan for this card ({', '.join(MEASURED)}; default: the "
+                                       "profile's)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their planned time; train nothing")
+    parser.add_argument("--root", help="folder of the runs (default runs/reproduce/<rung>[-<profile>])")
     parser.add_argument("--out", help="folder for the CSVs and figures (default figures/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run, e.g. train.steps=20")
+
+
+def dry_run(rung: str, profile: str, overrides=(), seeds: int | None = None, experiments=None, sweep=None,
+            card: str | None = None) -> tuple[list[Job], float | None]:
+    """(the jobs a reproduction would train, their planned seconds on `card`): controls counted once per seed at
+    one rate, as they will run; None where the card has no measured throughput."""
+    p = profile_of(rung, profile)
+    changes = changes_of(list(overrides))
+    base = rung_config(rung, profile, changes)
+    chosen = experiments or p.experiments
+    unknown = set(chosen) - set(EXPERIMENTS)
+    if unknown:
+        raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    entries = [e for e in plan_runs(rung, profile, changes) if e.experiment in chosen]
+    seeds = p.seeds if seeds is None else seeds
+    rates = parse_sweep(sweep) if sweep is not None else p.rates
+    root = runs_root(rung, profile)
+    todo = jobs_of([e for e in entries if e.controls is None], seeds, rates, root, base) + jobs_of(
+        [e for e in entries if e.controls is not None], seeds, None, root, base)
+    distinct = list({j.folder: j for j in todo}.values())
+    return distinct, planned_seconds([j.config for j in distinct], card or p.card)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -513,34 +779,37 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     gpu = torch.accelerator.is_available()
     profile = args.profile or ("gpu" if gpu else "cpu")
-    sweep = args.sweep if args.sweep is not None else DEFAULT_SWEEP.get((args.rung, profile))
     experiments = tuple(args.experiments.split(",")) if args.experiments else None
+    if args.card is not None and args.card not in MEASURED:
+        raise ValueError(f"--card {args.card!r}: throughput is measured for {', '.join(MEASURED)}")
     if args.dry_run:
-        rung_config(args.rung, profile, args.overrides)
-        chosen = experiments or DEFAULT_EXPERIMENTS.get((args.rung, profile), EXPERIMENTS)
-        todo = jobs_of([e for e in plan_runs(args.rung, profile, args.overrides) if e.experiment in chosen],
-                       args.seeds or DEFAULT_SEEDS[args.rung], parse_sweep(sweep),
-                       runs_root(args.rung, profile, args.overrides), args.overrides)
-        distinct = {j.folder: j for j in todo}
-        config = rung_config(args.rung, profile, args.overrides)
+        p = profile_of(args.rung, profile)
+        todo, seconds = dry_run(args.rung, profile, args.overrides, args.seeds, experiments, args.sweep, args.card)
+        for job in todo:
+            print(job.folder.name)
+        config = todo[0].config
         t = config.train
-        for folder in distinct:
-            print(folder.name)
-        print(f"{len(distinct)} runs of {t.steps * t.global_batch * config.data.seq_len:,} tokens each "
-              f"({', '.join(chosen)}; sweep {sweep or 'none'}); planned on one H100 at 40% MFU: "
-              f"{duration(planned_seconds(args.rung, profile, list(distinct.values())))}")
+        card = args.card or p.card
+        m = MEASURED.get(card)
+        print(f"{len(todo)} runs of {t.steps * t.global_batch * config.data.seq_len:,} tokens each "
+              f"({', '.join(experiments or p.experiments)}; seeds {args.seeds or p.seeds}). It shows {p.shows}.")
+        if seconds is None:
+            print(f"planned time: no throughput measured on {card} for this rung")
+        else:
+            print(f"planned on {m.card}: {duration(seconds)} ({seconds / 60:.1f} minutes), from the tokens/s measured "
+                  f"there on {m.date} ({m.setup}) scaled by each run's FLOPs, plus {m.overhead_s:g} s per run")
         return 0
     threads = None if gpu else 1  # CPU: one thread per process is fastest here
-    results = run(args.rung, profile, args.seeds, args.jobs, args.overrides, args.root, experiments, sweep,
+    results = run(args.rung, profile, args.seeds, args.jobs, args.overrides, args.root, experiments, args.sweep,
                   threads=threads, out=args.out)
 
     out = Path(args.out) if args.out else plots.figures_dir()
-    prefix = f"05_{args.rung}" + ("" if profile == "cpu" else f"_{profile}")
+    prefix = results_prefix(args.rung, profile)
     summary = pd.read_csv(out / f"{prefix}_summary.csv")
-    cols = ["experiment", "variant", "lr", "trainable_params", "general_ppl_end", "domain_ppl_end", "forgetting",
-            "gain"]
-    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
-        print(summary[cols].round(3).to_string(index=False))
+    cols = [c for c in ["experiment", "variant", "lr", "trainable_params", "general_ppl_end", "domain_ppl_end",
+                        "forgetting", "gain", "net_forgetting", *MEASURES] if c in summary]
+    with pd.option_context("display.width", 220, "display.max_colwidth", 40):
+        print(summary[cols].round(4).to_string(index=False))
         print()
         for _, row in pd.read_csv(out / f"{prefix}_claims.csv", keep_default_na=False).iterrows():
             print(f"[{row['holds_here']:>12}] {row['paper']}\n      measured: {row['measured']}")
