@@ -181,6 +181,7 @@ def test_activation_model_matches_what_autograd_saves(method, dtype, tmp_path):
         expected = B.block_activation_bytes(shape, stage.trainable > 0, input_grad, e) if grad_below else 0
         assert saved.get(i, 0) == expected, f"layer {i}"
     head = B.head_activation_bytes(shape, shape.stages[-1].trainable > 0, e)
+    head += 4 * shape.vocab  # the fp32 log-softmax the loss keeps: in activation_bytes' logits (chunked with them)
     head += 8 if shape.stages[0].trainable else 0  # a trainable embedding keeps the token ids
     assert saved["head"] == pytest.approx(head, abs=0.1)  # + the scalar loss
 
@@ -346,10 +347,17 @@ def test_measured_peak_memory_matches_the_plan(method, accumulation, tmp_path):
     assert measured["peak"] / predicted == pytest.approx(1, abs=0.15), (measured, predicted)
 
 
-def test_logits_peak_is_two_fp32_vocabulary_gradients():
+def test_logits_peak_is_the_kept_log_softmax_and_two_fp32_vocabulary_gradients():
     shape = B.shape_of(load_config(LLAMA_PRO))
     for act_bytes in (2, 4):
-        assert B.activation_bytes(shape, True, act_bytes)["logits"] == 8 * 32000
+        assert B.activation_bytes(shape, True, act_bytes)["logits"] == 12 * 32000
+
+
+def test_a_chunked_loss_holds_the_logits_of_one_chunk():
+    whole = B.budget(LLAMA_PRO, gpus=8)  # micro-batch 4 x 4096 tokens
+    chunked = B.budget(load_config(LLAMA_PRO, ["train.loss_chunk=2048"]), gpus=8)
+    assert whole.memory["logits"] == 4 * 4096 * 12 * 32000 and chunked.memory["logits"] == 2048 * 12 * 32000
+    assert chunked.memory_total < whole.memory_total and chunked.memory["activations"] == whole.memory["activations"]
 
 
 def test_fsdp_accumulation_holds_unsharded_gradients():

@@ -10,7 +10,8 @@ PKG = Path(__file__).resolve().parents[1] / "pylib" / "deepen"
 # The order of the README's module table: a module may import only modules before it.
 ORDER = ["extras", "llama", "plan", "manifest", "models", "grow", "checkpoint", "verify", "merge", "config", "data", "stream", "batches",
          "instruct",
-         "trainable", "loop", "objectives", "rundir", "train", "evaluate", "forgetting", "runs", "dpo", "budget", "profile", "plots",
+         "trainable", "loop", "objectives", "rundir", "budget", "train", "evaluate", "forgetting", "runs", "dpo", "profile",
+         "plots",
          "diagrams", "checks", "grade", "grade_child", "widgets", "reproduce", "demo", "handout", "cli", "__main__"]
 
 

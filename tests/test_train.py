@@ -283,11 +283,14 @@ def test_bf16_llama_pro_holds_frozen_weights_in_bf16_and_resumes_exactly(base, t
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_bf16_keeps_fp32_where_a_unit_mixes_frozen_and_trainable(base, tmp_path):
+def test_bf16_holds_frozen_weights_in_bf16_but_where_a_sharded_unit_mixes_them(base, tmp_path):
     seen = []
-    train(config(base, tmp_path / "lora", "method=lora", "lora.r=4", "train.steps=1", "train.precision=bf16"),
-          progress=False, callback=lambda record, model: seen.append({p.dtype for p in model.parameters()}))
-    assert seen == [{torch.float32}]  # adapters inside frozen layers: every weight in fp32, as before
+    out = train(config(base, tmp_path / "lora", "method=lora", "lora.r=4", "train.steps=1", "train.precision=bf16"),
+                progress=False, callback=lambda record, model: seen.append(
+                    {(p.requires_grad, p.dtype) for p in model.parameters()}))
+    assert seen == [{(False, torch.bfloat16), (True, torch.float32)}]  # unsharded: LoRA's base in bf16
+    merged = LlamaForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}  # merged into fp32 weights, saved in fp32
 
     def grown(method, layers, also_train=()):
         model = grow(LlamaForCausalLM.from_pretrained(base), llama_pro(4, groups=2))
@@ -295,7 +298,7 @@ def test_bf16_keeps_fp32_where_a_unit_mixes_frozen_and_trainable(base, tmp_path)
         return model, hold_frozen_in_bf16(model)
 
     for method, layers, also_train in [("full", [], ()), ("blocks", [1, 3], ["norm"]), ("blocks", [1], ["embed"])]:
-        model, cast = grown(method, layers, also_train)  # norms learn inside frozen layers; embeddings, not the norm
+        model, cast = grown(method, layers, also_train)  # sharded (the default): norms learn inside frozen layers
         assert not cast and {p.dtype for p in model.parameters()} == {torch.float32}, (method, also_train)
     model, cast = grown("blocks", [1, 3])
     assert cast and {n.split(".")[2] for n, p in model.named_parameters()
@@ -354,3 +357,66 @@ def test_branch_masks_fold_into_the_weights(base):
         masks.remove()
         model.load_state_dict(masks.fold(model.state_dict()))
         torch.testing.assert_close(model(ids).logits, half, rtol=1e-5, atol=1e-6)  # folded: the same function
+
+
+# Each speed switch (train.*) against the plain path: the same losses within a tolerance stated per switch (fp32 on
+# a CPU: what differs is only the order of floating-point sums — AdamW's fused kernel, the loss added up chunk by
+# chunk, the compiled layers' fused kernels — compounded over 4 steps at lr 1e-2), and a run cut and resumed with
+# the switch on gives exactly the floats of the uninterrupted one.
+SWITCHES = {
+    "fused AdamW": (["train.fused_adamw=true"], 1e-4),
+    "chunked loss": (["train.loss_chunk=24"], 1e-5),  # 2 x 31 targets per micro-batch: 3 chunks, the last short
+    "activation checkpointing auto (off on a CPU)": (["train.gradient_checkpointing=auto"], 0.0),
+    "precision auto": (["train.precision=auto"], None),  # bf16 where the CPU has it natively: compared with bf16
+    "compiled layers": (["train.compile=true"], 1e-4),
+}
+
+
+@pytest.mark.parametrize("switch", [pytest.param(k, marks=pytest.mark.slow) if "compiled" in k else k
+                                    for k in SWITCHES])
+def test_a_speed_switch_keeps_the_losses_and_resumes_exactly(switch, base, tmp_path):
+    from deepen.loop import native_bf16
+
+    overrides, rel = SWITCHES[switch]
+    if rel is None:  # precision auto is bf16 or fp32 by the CPU: the same losses as that precision, exactly
+        reference = ["train.precision=" + ("bf16" if native_bf16("cpu") else "fp32")]
+        rel = 0.0
+    else:
+        reference = []
+    plain = records(train(config(base, tmp_path / "plain", *reference), progress=False).parent)
+    whole = records(train(config(base, tmp_path / "whole", *overrides), progress=False).parent)
+    assert [r["loss"] for r in whole[1:]] == pytest.approx([r["loss"] for r in plain[1:]], rel=rel, abs=0)
+    with pytest.raises(Stop):  # cut after step 3: the last checkpoint is step 2's
+        train(config(base, tmp_path / "cut", *overrides), progress=False, callback=stop_at(3))
+    cut = records(train(config(base, tmp_path / "cut", *overrides), progress=False).parent)
+
+    def curve(rows):
+        return [(r["step"], r.get("loss"), r.get("lr"), r.get("ppl_general"), r.get("ppl_domain")) for r in rows]
+
+    assert curve(cut) == curve(whole)
+
+
+def test_checkpointing_auto_asks_the_planner_whether_the_run_fits(base):
+    from deepen.budget import budget, fits_without_checkpointing
+
+    run = load_config("configs/llama2-7b-pro.yaml", ["train.gradient_checkpointing=auto"])
+    assert not fits_without_checkpointing(run, 8, 80e9, "fsdp")  # micro-batches of 4 x 4096: no
+    assert budget(run, gpus=8, gpu_memory=80).checkpointing  # so auto turns it on
+    small = config(base, "unused", "train.gradient_checkpointing=auto")
+    assert fits_without_checkpointing(small, 1, 80e9) and not budget(small, gpus=1).checkpointing
+
+
+def test_the_chunked_loss_is_the_whole_loss_and_gradient(base):
+    from deepen.loop import next_token_loss
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    ids = torch.randint(0, 4096, (2, 17))
+    grads = []
+    for chunk in (None, 5):
+        model.zero_grad()
+        loss = next_token_loss(chunk)(model, ids)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (whole, a), (pieces, b) = grads
+    assert pieces == pytest.approx(whole, rel=1e-6)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(a, b))

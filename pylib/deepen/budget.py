@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deepen import plan as plans
-from deepen.config import RunConfig, batch_layout, load_config, recipe
+from deepen.config import AUTO, RunConfig, batch_layout, load_config, recipe
 from deepen.grow import grow
 from deepen.llama import PRESETS
 from deepen.manifest import Manifest
@@ -249,18 +249,19 @@ def block_activation_bytes(shape: Shape, trainable: bool, input_grad: bool, act_
 
 
 def head_activation_bytes(shape: Shape, trainable: bool, act_bytes: int = 2) -> int:
-    """Bytes per token the final norm, head and loss keep for the backward: the norm's fp32 input and 1/rms
-    (trainable: also the normalised and weighted inputs), the fp32 log-softmax over the vocabulary (4V) and the
-    int64 labels (8)."""
-    return 4 * shape.hidden + 4 + (2 * act_bytes * shape.hidden if trainable else 0) + 4 * shape.vocab + 8
+    """Bytes per token the final norm and the loss keep for the backward, the vocabulary aside (that is in
+    `activation_bytes`' logits): the norm's fp32 input and 1/rms (trainable: also the normalised and weighted
+    inputs) and the int64 labels (8)."""
+    return 4 * shape.hidden + 4 + (2 * act_bytes * shape.hidden if trainable else 0) + 8
 
 
 def activation_bytes(shape: Shape, checkpointing: bool, act_bytes: int = 2) -> dict[str, float]:
     """Bytes per token of activations: what the layers keep for the backward, and the logits at their peak, the
-    start of the backward: the gradient of the fp32 log-probabilities and, from log-softmax's backward, the
-    gradient of the fp32 logits (4V each, whatever the activation dtype). By then the training loop has dropped
-    the model's output, so the e-byte logits and their fp32 copy are gone (the log-probabilities log-softmax
-    keeps are in the head's share); at the end of the forward they were e·V + 4V <= 8V.
+    start of the backward: the fp32 log-softmax the loss keeps (4V), the gradient of the fp32 log-probabilities
+    and, from log-softmax's backward, the gradient of the fp32 logits (4V each, whatever the activation dtype).
+    By then the training loop has dropped the model's output, so the e-byte logits and their fp32 copy are gone;
+    at the end of the forward they were e·V + 4V <= 8V. (With train.loss_chunk only a chunk's tokens hold them:
+    `memory` counts the logits for min(tokens, chunk) tokens.)
     With per-layer checkpointing a layer keeps only its input (e·h) and one layer at a time is recomputed."""
     kept, largest = 0, 0
     grad_below = shape.stages[0].trainable > 0  # trainable embeddings: gradients flow through every layer
@@ -276,7 +277,7 @@ def activation_bytes(shape: Shape, checkpointing: bool, act_bytes: int = 2) -> d
     embeddings = 8 if shape.stages[0].trainable else 0  # a trainable embedding keeps the int64 token ids
     layers = (embeddings + kept + (largest if checkpointing else 0)
               + head_activation_bytes(shape, head.trainable > 0, act_bytes))
-    logits = (4 + 4) * shape.vocab
+    logits = (4 + 4 + 4) * shape.vocab
     return {"activations": layers, "logits": logits}
 
 
@@ -294,7 +295,7 @@ def state_bytes(strategy: str, precision: str) -> dict[str, int]:
 
 
 def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointing: bool,
-           precision: str = "bf16", accumulation: float = 1) -> dict[str, float]:
+           precision: str = "bf16", accumulation: float = 1, loss_chunk: int | None = None) -> dict[str, float]:
     """Bytes per GPU, by component, all counted as live at once (an upper bound: with one micro-batch per step
     the gradients only build up as the activations are freed, so the true peak can be lower by up to the
     gradients; with gradient accumulation the gradients of earlier micro-batches are there from the start).
@@ -313,7 +314,8 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
         GradientAccumulationPlugin(sync_each_batch=True) — trades this memory for a reduce-scatter per
         micro-batch. DeepSpeed ZeRO-3 reduces every micro-batch: none.)
       - ddp buckets (>1 GPU): DDP's gradient buckets, a second fp32 copy of the trainable gradients;
-      - activations and logits: `activation_bytes` × micro_batch × seq_len, never sharded (data parallel).
+      - activations and logits: `activation_bytes` × micro_batch × seq_len (the logits × at most `loss_chunk`
+        tokens where the loss is computed in chunks), never sharded (data parallel).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -336,7 +338,9 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     out["ddp buckets"] = buckets
     act_bytes = 2 if precision == "bf16" else 4
     tokens = micro_batch * shape.seq_len
-    out.update({k: v * tokens for k, v in activation_bytes(shape, checkpointing, act_bytes).items()})
+    per_token = activation_bytes(shape, checkpointing, act_bytes)
+    out["activations"] = per_token["activations"] * tokens
+    out["logits"] = per_token["logits"] * (tokens if loss_chunk is None else min(tokens, loss_chunk))
     return out
 
 
@@ -446,7 +450,10 @@ def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0,
     if gpus < 1 or not 0 < mfu <= 1:
         raise ValueError(f"need gpus >= 1 and 0 < mfu <= 1; got gpus={gpus}, mfu={mfu}")
     t = run.train
-    checkpointing = t.gradient_checkpointing if checkpointing is None else checkpointing
+    precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: bf16 on a GPU, what the budget plans
+    if checkpointing is None:
+        checkpointing = t.gradient_checkpointing if t.gradient_checkpointing != AUTO else \
+            not fits_without_checkpointing(run, gpus, gpu_memory * GB, strategy)
     shape = shape_cached(run)
     full = shape_cached(dataclasses.replace(run, method="full"))
     tokens = float(tokens if tokens is not None else t.steps * t.global_batch * run.data.seq_len)
@@ -457,19 +464,25 @@ def budget(run: RunConfig | str | Path, gpus: int = 1, gpu_memory: float = 80.0,
         micro_batch = t.micro_batch
         notes.append(str(e))
     frozen = shape.params - shape.trainable
-    if t.precision == "bf16" and frozen and frozen_in_fp32(shape):
-        shards = gpus if strategy in ("fsdp", "zero3") else 1
+    if precision == "bf16" and frozen and strategy in ("fsdp", "zero3") and frozen_in_fp32(shape):
         notes.append(f"frozen weights are counted in bf16 (2 bytes); deepen train holds them in fp32 where an FSDP "
                      f"unit (a decoder layer; the embeddings, norm and head) mixes frozen and trainable parameters, "
-                     f"as {run.method} does here: +{frozen * 2 / shards / GB:.1f} GB per GPU")
+                     f"as {run.method} does here: +{frozen * 2 / gpus / GB:.1f} GB per GPU")
     return Budget(model=shape.name, method=run.method, strategy=strategy, gpus=gpus, gpu_memory=gpu_memory,
-                  precision=t.precision, seq_len=run.data.seq_len, micro_batch=micro_batch,
+                  precision=precision, seq_len=run.data.seq_len, micro_batch=micro_batch,
                   global_batch=t.global_batch, checkpointing=checkpointing, params=shape.params,
                   trainable=shape.trainable, flops=training_flops(shape.stages, checkpointing),
                   flops_full=training_flops(full.stages, checkpointing),
-                  memory=memory(shape, strategy, gpus, micro_batch, checkpointing, t.precision,
-                                t.global_batch / (micro_batch * gpus)),
+                  memory=memory(shape, strategy, gpus, micro_batch, checkpointing, precision,
+                                t.global_batch / (micro_batch * gpus), t.loss_chunk),
                   mfu=mfu, gpu_tflops=gpu_tflops, tokens=tokens, notes=notes)
+
+
+def fits_without_checkpointing(run: RunConfig, gpus: int, memory_bytes: float, strategy: str = "ddp") -> bool:
+    """Whether the run's memory per GPU without activation checkpointing fits USABLE of `memory_bytes` (what
+    train.gradient_checkpointing: auto asks)."""
+    b = budget(run, gpus=gpus, gpu_memory=memory_bytes / GB, strategy=strategy, checkpointing=False)
+    return b.memory_total <= USABLE * memory_bytes
 
 
 def human(n: float) -> str:

@@ -35,7 +35,9 @@ TRAIN_METHODS = ("llama-pro", "full", "lora", "blocks")
 # tokens of instruction examples), dpo (preference pairs; sDPO with dpo.stages > 1).
 OBJECTIVES = ("lm", "sft", "dpo")
 TEMPLATES = ("alpaca", "model")  # sft/dpo: SOLAR's Alpaca-style template, or the tokenizer's own chat template
-PRECISIONS = ("fp32", "bf16")
+# auto: bf16 autocast where the device computes bf16 natively (CUDA; a CPU with AVX-512 bf16 or AMX), else fp32
+PRECISIONS = ("fp32", "bf16", "auto")
+AUTO = "auto"
 
 
 @dataclass
@@ -99,8 +101,14 @@ class TrainConfig:
     warmup: float = 0.06  # share of steps
     weight_decay: float = 0.1
     clip: float = 1.0
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights) | auto (PRECISIONS)
+    # recompute each decoder layer's activations in the backward: true, false, or auto (on only when deepen.budget
+    # says the run does not fit the GPU without it; off on a CPU)
+    gradient_checkpointing: bool | str = False
+    compile: bool = False  # torch.compile each decoder layer (a GPU speed-up after about a minute of compiling)
+    fused_adamw: bool | str = AUTO  # AdamW's fused kernel: true, false, or auto (on CUDA only)
+    loss_chunk: int | None = None  # tokens per piece of the next-token loss: the fp32 logits of one piece are held at
+    # a time (recomputed in the backward) instead of a whole micro-batch's; None: the whole micro-batch at once
     eval_every: int = 50
     eval_batches: int = 8  # held-out blocks per corpus: eval_batches × global_batch
     save_every: int = 100
@@ -250,6 +258,11 @@ def check(config: RunConfig) -> RunConfig:
                          "method llama-pro to train the layers a plan adds")
     if t.precision not in PRECISIONS:
         raise ValueError(f"train.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for key in ("gradient_checkpointing", "fused_adamw"):
+        if getattr(t, key) not in (True, False, AUTO):
+            raise ValueError(f"train.{key} must be true, false or auto, got {getattr(t, key)!r}")
+    if t.loss_chunk is not None and t.loss_chunk < 1:
+        raise ValueError(f"train.loss_chunk must be at least 1 token (or null: no chunks), got {t.loss_chunk}")
     for key in ("steps", "global_batch", "micro_batch", "eval_every", "eval_batches", "save_every"):
         if getattr(t, key) < 1:
             raise ValueError(f"train.{key} must be at least 1, got {getattr(t, key)}")

@@ -16,30 +16,69 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from deepen.batches import batches
-from deepen.config import PRECISIONS, TrainConfig, batch_layout
+from deepen.config import AUTO, PRECISIONS, TrainConfig, batch_layout
 
 
 class NonFiniteLoss(FloatingPointError):
     """The loss was nan or inf; no weight was changed by that step."""
 
 
-def optimizer_and_schedule(params: list, train: TrainConfig):
+def native_bf16(device_type: str) -> bool:
+    """Whether the device computes bf16 natively: CUDA with bf16 support, or a CPU with AVX-512 bf16 or AMX (where
+    bf16 is emulated, on AVX2, it is several times slower than fp32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def precision_on(precision: str, device_type: str) -> str:
+    """The precision a run computes in on a device: "auto" resolved (bf16 where native, else fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == AUTO:
+        return "bf16" if native_bf16(device_type) else "fp32"
+    return precision
+
+
+def optimizer_and_schedule(params: list, train: TrainConfig, device_type: str = "cpu"):
     """AdamW over `params` only (frozen parameters get no state), β = (0.9, 0.95), weight decay on matrices only
-    (norms' gains are not decayed); linear warmup over the first `train.warmup` share of the steps, then cosine
-    down to lr · min_lr_ratio."""
+    (norms' gains are not decayed), its fused kernel where train.fused_adamw says (auto: on CUDA); linear warmup
+    over the first `train.warmup` share of the steps, then cosine down to lr · min_lr_ratio."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+    fused = device_type == "cuda" if train.fused_adamw == AUTO else bool(train.fused_adamw)
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=train.lr, betas=(0.9, 0.95))
+        lr=train.lr, betas=(0.9, 0.95), fused=fused or None)
     schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(train.warmup * train.steps), train.steps,
                                                            min_lr_rate=train.min_lr_ratio)
     return optimizer, schedule
 
 
-def _next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids).loss  # labels shift inside: predict ids[:, 1:]
+def next_token_loss(chunk: int | None = None):
+    """The loss of a micro-batch of token ids (batch, seq): mean cross-entropy of predicting ids[:, 1:]. chunk:
+    computed over pieces of `chunk` tokens, the output head and its fp32 logits for one piece at a time and
+    recomputed in the backward, so no (batch, seq, vocab) fp32 logits are ever held (a model whose head is not
+    sharded: not under FSDP); None: the model's own loss over the whole micro-batch."""
+    from torch.utils.checkpoint import checkpoint
+
+    def whole(model, ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss  # labels shift inside: predict ids[:, 1:]
+
+    def pieces(model, ids: torch.Tensor) -> torch.Tensor:
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]  # (batch, seq - 1, hidden)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+        head = model.get_output_embeddings()
+
+        def piece_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(h).float(), y, reduction="sum")  # (chunk, vocab) logits, then freed
+
+        total = sum(checkpoint(piece_loss, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+                    for i in range(0, len(targets), chunk))
+        return total / len(targets)
+
+    return whole if chunk is None else pieces
 
 
 def train_step(model, batch, optimizer, schedule=None, *, clip: float | None = 1.0, micro_batch: int | None = None,
@@ -55,7 +94,7 @@ def train_step(model, batch, optimizer, schedule=None, *, clip: float | None = 1
     accelerator: a run on accelerate (one process, DDP or FSDP2): its accumulate, backward (which divides by the
     accumulation steps: one per micro-batch), clip and the loss averaged over processes; its prepared model
     runs under its own autocast. autocast: bf16 autocast for a plain model (no accelerator)."""
-    loss = loss or _next_token_loss
+    loss = loss or next_token_loss()
     size = batch_layout(len(batch), micro_batch or len(batch), 1)[1]
     micros = [batch[i:i + size] for i in range(0, len(batch), size)]  # (micro, seq) each, or lists of rows
     if accelerator is not None and len(micros) != accelerator.gradient_accumulation_steps:
@@ -128,13 +167,12 @@ def train_steps(model, blocks: torch.Tensor, config: TrainConfig | None = None, 
     Batches of global_batch rows come from `batches(blocks, global_batch, steps, seed)`, every row once per epoch,
     so the same arguments give the same run; precision "bf16" runs under autocast."""
     train = dataclasses.replace(config or TrainConfig(), **changes)
-    if train.precision not in PRECISIONS:
-        raise ValueError(f"precision={train.precision!r}; use one of {', '.join(PRECISIONS)}")
+    device = next(model.parameters()).device
+    precision = precision_on(train.precision, device.type)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter requires grad: nothing to train")
-    optimizer, schedule = optimizer_and_schedule(params, train)
-    device = next(model.parameters()).device
+    optimizer, schedule = optimizer_and_schedule(params, train, device.type)
     model.train()
     losses: list[float] = []
     bar = tqdm(batches(blocks, train.global_batch, train.steps, train.seed), total=train.steps, desc=desc,
@@ -142,10 +180,11 @@ def train_steps(model, blocks: torch.Tensor, config: TrainConfig | None = None, 
     for ids in bar:
         try:
             losses.append(train_step(model, ids.to(device), optimizer, schedule, clip=train.clip,
-                                     micro_batch=train.micro_batch, autocast=train.precision == "bf16"))
+                                     micro_batch=train.micro_batch, autocast=precision == "bf16",
+                                     loss=next_token_loss(train.loss_chunk)))
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e} at step {len(losses) + 1}; lower lr (now {train.lr})"
-                                + (" or use precision fp32" if train.precision != "fp32" else "")) from None
+                                + (" or use precision fp32" if precision != "fp32" else "")) from None
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses

@@ -27,11 +27,12 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from deepen.batches import heldout_blocks, streams, training_batches
-from deepen.config import RECIPES, RunConfig, batch_layout, check, from_dict, recipe, stage_span
+from deepen.config import AUTO, RECIPES, RunConfig, batch_layout, check, from_dict, recipe, stage_span
 from deepen.data import revisions, tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
 from deepen.instruct import ExampleBatches, encoded, load_examples, pad_id
-from deepen.loop import NonFiniteLoss, block_losses, optimizer_and_schedule, train_step
+from deepen.loop import (NonFiniteLoss, block_losses, next_token_loss, optimizer_and_schedule, precision_on,
+                         train_step)
 from deepen.manifest import Manifest, atomic_folder
 from deepen.models import resolve
 from deepen.objectives import DPO, InstructionTuning, answer_accuracy, preference_scores, reference_logps, response_losses
@@ -198,11 +199,17 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
 
     # --- processes: the global batch split over them, in micro-batches
     cpu = not torch.accelerator.is_available()  # on CPU, accelerate joins the processes of torchrun only if told
+    device_type = "cpu" if cpu else torch.accelerator.current_accelerator().type
+    precision = precision_on(t.precision, device_type)  # auto: bf16 where the device computes it natively
     processes = PartialState(cpu=cpu).num_processes
     per_process, micro, accumulation = batch_layout(t.global_batch, t.micro_batch, processes)
     AcceleratorState._reset_state()  # a singleton: another run in this process may use another precision
-    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no",
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                               gradient_accumulation_steps=accumulation, cpu=cpu)
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    if t.loss_chunk is not None and sharded:
+        raise ValueError("train.loss_chunk calls the output head on its own, which FSDP and ZeRO-3 keep sharded "
+                         "outside the model's forward; set train.loss_chunk=null for a sharded run")
 
     def say(message: str) -> None:
         if accelerator.is_main_process:
@@ -252,14 +259,18 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"method {config.method} left no parameter to train; check also_train and lora.targets")
-    frozen_in_bf16 = t.precision == "bf16" and hold_frozen_in_bf16(model)  # before the optimizer and prepare
+    # before the optimizer and prepare; unsharded, a unit may mix dtypes (LoRA's bf16 base under fp32 adapters)
+    frozen_in_bf16 = precision == "bf16" and hold_frozen_in_bf16(model, sharded)
     model.config.use_cache = False
-    if t.gradient_checkpointing:
+    if checkpointing(config, accelerator):
         # use_reentrant=False: the reentrant variant gives no gradients when a block's input needs none (llama-pro)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        for layer in model.get_decoder().layers:
+            layer.compile()  # in place: state dict, checkpoints and saving see the same module
 
     # --- optimizer, schedule, and where the run stands
-    optimizer, schedule = optimizer_and_schedule(params, t)
+    optimizer, schedule = optimizer_and_schedule(params, t, device_type)
     if config.method == "lora" and accelerator.distributed_type.value == "FSDP":
         raise ValueError("method lora under FSDP is not supported (the adapters would be merged into sharded weights); "
                          "train LoRA with data parallelism (configs/accelerate/one-gpu.yaml, or torchrun)")
@@ -306,9 +317,9 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
             masks.set(step / ramp)
         try:
             loss = train_step(model, ids, optimizer, schedule, clip=t.clip, micro_batch=micro, accelerator=accelerator,
-                              loss=objective.loss if objective else None)
+                              loss=objective.loss if objective else next_token_loss(t.loss_chunk))
         except NonFiniteLoss as e:
-            raise FloatingPointError(_nan_advice(e, step, checkpoints.last(), t)) from None
+            raise FloatingPointError(_nan_advice(e, step, checkpoints.last(), t, precision)) from None
         record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens,
                   "tokens_per_s": step_tokens / (time.perf_counter() - began), **source.position()}
         if step % t.eval_every == 0 or step == t.steps:
@@ -427,8 +438,25 @@ def _load_base(name: str, progress: bool):
     return AutoModelForCausalLM.from_pretrained(model_folder(name, progress), dtype=torch.float32)
 
 
-def _nan_advice(error: NonFiniteLoss, step: int, kept: Path | None, t) -> str:
-    fp32 = "" if t.precision == "fp32" else " or train.precision=fp32"
+def checkpointing(config: RunConfig, accelerator) -> bool:
+    """Whether the run recomputes activations (train.gradient_checkpointing; auto: only on a GPU where
+    deepen.budget says the run does not fit without it). Under FSDP the accelerate config's
+    fsdp_activation_checkpointing does it instead, so never here."""
+    setting = config.train.gradient_checkpointing
+    if accelerator.distributed_type.value == "FSDP":
+        return False
+    if setting != AUTO:
+        return bool(setting)
+    if accelerator.device.type != "cuda":
+        return False
+    from deepen.budget import fits_without_checkpointing  # the planner: shapes on the meta device, no weights
+
+    return not fits_without_checkpointing(config, accelerator.num_processes,
+                                          torch.cuda.get_device_properties(accelerator.device).total_memory)
+
+
+def _nan_advice(error: NonFiniteLoss, step: int, kept: Path | None, t, precision: str) -> str:
+    fp32 = "" if precision == "fp32" else " or train.precision=fp32"
     if kept is None:
         return (f"{error} at step {step}; stopped before saving anything. No checkpoint was saved yet: start again "
                 f"with a lower train.lr (now {t.lr}){fp32}")
@@ -444,8 +472,8 @@ def _save_model(out: Path, config: RunConfig, accelerator, model, tokenizer, man
     state = accelerator.get_state_dict(model)  # every process takes part: FSDP and ZeRO-3 gather the shards
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
-        if config.method == "lora":
-            final, state = final.merge_and_unload(), None  # a plain model: the adapters added into the base weights
+        if config.method == "lora":  # a plain model: the adapters added into the base weights, in fp32
+            final, state = final.to(torch.float32).merge_and_unload(), None
         if masks is not None:  # the branch mask multiplied into its weights: the same function, no mask
             masks.remove()
             state = masks.fold(state if state is not None else final.state_dict())
