@@ -106,7 +106,7 @@ def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 
 
 def continue_rows(model, rows: list[list[int]], new_tokens: int, *, sample: bool, eos: int | None, pad: int,
-                  seed: int = 0, batch_size: int = 16) -> list[list[int]]:
+                  seed: int = 0, batch_size: int = 64) -> list[list[int]]:
     """Each prompt row followed by the model's continuation: sampled at temperature 1 with no truncation (top-k,
     top-p and every other warper off: the model's own distribution), or greedy; up to `new_tokens` tokens, ending
     at `eos` (kept) when eos is given, else exactly `new_tokens`."""

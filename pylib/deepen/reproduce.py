@@ -424,6 +424,8 @@ def measure_drift(jobs: list[Job], base: RunConfig, progress: bool = True) -> No
     if not todo:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)  # the runs may have left this process at one thread
     path = model_folder(base.model, progress)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
