@@ -8,14 +8,15 @@ Each case builds its model in code (random weights: speed does not depend on the
 - SmolLM2-135M's shape at the smol GPU profile's batch (sequences of 1,024, 4 micro-batches of 16 = 65,536 tokens
   per step): full fine-tuning, LLaMA Pro (30 -> 36 blocks, the 6 new ones learn), LoRA of as many trainable
   parameters (r=70; and r=72, a multiple of 8) with its frozen base in bf16 (what an unsharded run does now) and in
-  fp32 (what it did before), full fine-tuning with AdamW's fused kernel off (foreach, the old default);
+  fp32 (what it did before), full fine-tuning with AdamW's fused kernel off (foreach, the old default), and full
+  fine-tuning and LoRA with their decoder layers compiled (train.compile);
 - the 1.01B Llama of gpu_fsdp_1b.py (16 -> 20 blocks) on one GPU without FSDP or checkpointing, 4 micro-batches of
   8 x 2,048: full fine-tuning and LLaMA Pro, with MFU (tokens/s x deepen.budget's model FLOPs per token / the card's
   dense bf16 peak).
 
 Prints `BENCH gpu_speed_<case> <value> <unit> on <card>` lines and the ratios the issue's goals name (LoRA / full,
 LLaMA Pro / full). Without a CUDA device it says so and exits 0 (`--smoke` runs the same code on a CPU at a tiny
-shape, numbers meaningless). About a minute and a half on an H200.
+shape, numbers meaningless). About two minutes on an H200 (a minute of it compiling).
 
     python benchmarks/gpu_speed.py [--steps 5] [--warmup 3] [--json OUT.json]
 """
@@ -55,7 +56,7 @@ def hf_config(shape: str):
                        max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def run_config(folder: Path, method: str, groups: int, batch: dict, lora_r: int, fused: bool):
+def run_config(folder: Path, method: str, groups: int, batch: dict, lora_r: int, fused: bool, compiled: bool = False):
     """The case as a run config (deepen.budget counts its FLOPs from it)."""
     from deepen.config import GrowConfig, RunConfig, merged
 
@@ -65,11 +66,12 @@ def run_config(folder: Path, method: str, groups: int, batch: dict, lora_r: int,
         "grow": GrowConfig(method="llama-pro", groups=groups) if grown else None, "lora": {"r": lora_r},
         "data": {"seq_len": batch["seq_len"]},
         "train": {"global_batch": batch["global_batch"], "micro_batch": batch["micro_batch"], "precision": "bf16",
-                  "fused_adamw": fused}})
+                  "fused_adamw": fused, "compile": compiled}})
 
 
 def measure(config, device: str, steps: int, warmup: int, frozen_sharded: bool) -> dict:
-    """Median tokens/s of `steps` train_steps after `warmup`, and the peak memory, for one run config."""
+    """Median tokens/s of `steps` train_steps after `warmup`, and the peak memory, for one run config (with
+    train.compile: its decoder layers compiled as deepen train compiles them; the first steps compile)."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
@@ -93,6 +95,9 @@ def measure(config, device: str, steps: int, warmup: int, frozen_sharded: bool) 
     select_trainable(model, config.method, trained_layers(config, new))
     hold_frozen_in_bf16(model, sharded=frozen_sharded)
     model.config.use_cache = False
+    if config.train.compile:
+        for layer in model.get_decoder().layers:
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(params, config.train, device)
     t = config.train
@@ -151,21 +156,24 @@ def main() -> None:
         r = lora_rank(run_config(folders["smol"], "llama-pro", groups, batch, 16, True),
                       budget(run_config(folders["smol"], "llama-pro", groups, batch, 16, True)).trainable)
         r8 = 8 * round(r / 8)
-        cases = {  # name -> (shape, method, lora rank, fused AdamW, frozen weights held as a sharded run would)
-            "smol_full": ("smol", "full", r, True, False),
-            "smol_full_foreach": ("smol", "full", r, False, False),
-            "smol_llama_pro": ("smol", "llama-pro", r, True, False),
-            f"smol_lora_r{r}": ("smol", "lora", r, True, False),
-            f"smol_lora_r{r}_fp32_base": ("smol", "lora", r, True, True),
-            f"smol_lora_r{r8}": ("smol", "lora", r8, True, False),
-            "1b_full": ("1b", "full", r, True, False),
-            "1b_llama_pro": ("1b", "llama-pro", r, True, False),
+        cases = {  # name -> (shape, method, lora rank, fused AdamW, frozen weights held as a sharded run would,
+            # compiled); the compiled ones last: they take longest, and every case is printed as it ends
+            "smol_full": ("smol", "full", r, True, False, False),
+            "smol_full_foreach": ("smol", "full", r, False, False, False),
+            "smol_llama_pro": ("smol", "llama-pro", r, True, False, False),
+            f"smol_lora_r{r}": ("smol", "lora", r, True, False, False),
+            f"smol_lora_r{r}_fp32_base": ("smol", "lora", r, True, True, False),
+            f"smol_lora_r{r8}": ("smol", "lora", r8, True, False, False),
+            "1b_full": ("1b", "full", r, True, False, False),
+            "1b_llama_pro": ("1b", "llama-pro", r, True, False, False),
+            "smol_full_compiled": ("smol", "full", r, True, False, True),
+            f"smol_lora_r{r}_compiled": ("smol", "lora", r, True, False, True),
         }
         if r8 == r:
             cases.pop(f"smol_lora_r{r8}")
-        for name, (shape, method, rank, fused, sharded) in cases.items():
+        for name, (shape, method, rank, fused, sharded, compiled) in cases.items():
             _, groups, batch = shapes[shape]
-            config = run_config(folders[shape], method, groups, batch, rank, fused)
+            config = run_config(folders[shape], method, groups, batch, rank, fused, compiled)
             result = measure(config, device, args.steps, args.warmup, sharded)
             flops = budget(config).flops.model
             result["mfu"] = None if peak is None else result["tokens_per_s"] * flops / (peak * 1e12)
@@ -182,7 +190,10 @@ def main() -> None:
               f"smol_lora_r{r}_bf16_base_over_fp32_base": results[f"smol_lora_r{r}"]["tokens_per_s"]
               / results[f"smol_lora_r{r}_fp32_base"]["tokens_per_s"],
               "smol_fused_over_foreach": full / results["smol_full_foreach"]["tokens_per_s"],
-              "1b_llama_pro_over_full": results["1b_llama_pro"]["tokens_per_s"] / results["1b_full"]["tokens_per_s"]}
+              "1b_llama_pro_over_full": results["1b_llama_pro"]["tokens_per_s"] / results["1b_full"]["tokens_per_s"],
+              "smol_full_compiled_over_eager": results["smol_full_compiled"]["tokens_per_s"] / full,
+              f"smol_lora_r{r}_compiled_over_full_compiled": results[f"smol_lora_r{r}_compiled"]["tokens_per_s"]
+              / results["smol_full_compiled"]["tokens_per_s"]}
     for name, value in ratios.items():
         print(bench_line(f"gpu_speed_{name}", value, "x", card))
     if args.json:

@@ -180,10 +180,14 @@ def test_forgetting_net_of_repair_is_the_ratio_of_the_run_and_its_control(tmp_pa
 
     monkeypatch.setitem(PROFILES, ("tiny", "cpu"), dataclasses.replace(PROFILES["tiny", "cpu"], variants=("llama-pro",)))
     results = run("tiny", seeds=1, jobs=1, experiments=("methods", "control"), root=tmp_path / "runs",
-                  out=tmp_path / "fig", progress=False,
+                  out=tmp_path / "fig", progress=False, sweep="lr=1e-3,1e-2",
                   overrides=["train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.save_every=10"])
-    assert list(results["variant"]) == ["llama-pro", "llama-pro on general"]
+    assert list(results["variant"]) == ["llama-pro", "llama-pro", "llama-pro on general"]  # the control: one rate,
+    methods = results[results["experiment"] == "methods"]  # the one chosen for the run it controls
+    chosen = methods.sort_values("validation_domain_ppl").iloc[0]["lr"]
+    assert results[results["experiment"] == "control"]["lr"].tolist() == [chosen]
     summary = pd.read_csv(tmp_path / "fig" / "05_tiny_summary.csv").set_index("variant")
+    assert summary.loc["llama-pro", "lr"] == summary.loc["llama-pro", "control_lr"] == chosen
     pro, control = summary.loc["llama-pro"], summary.loc["llama-pro on general"]
     # the CSV holds 6 significant digits: equal to that precision
     assert pro["net_forgetting"] == pytest.approx(pro["general_ppl_end"] / control["general_ppl_end"], rel=1e-5)
