@@ -134,8 +134,9 @@ class Measured:
 
 MEASURED = {
     "H200": Measured("one NVIDIA H200", "2026-12-04", "configs/smol-gpu.yaml: sequences of 1,024, 4 micro-batches "
-                     "of 16, bf16; deepen reproduce --rung smol --profile gpu",
-                     {"llama-pro": 130_930, "full": 111_006, "lora": 63_546, "grown-full": 86_619, "blocks": 141_251},
+                     "of 16, bf16, fused AdamW, LoRA's base in bf16; the runs of deepen reproduce --rung smol --profile "
+                     "gpu (each kind's mean over its two rates; 411 s for its 12 runs)",
+                     {"llama-pro": 146_036, "full": 135_172, "lora": 92_986, "grown-full": 109_486, "blocks": 166_531},
                      10.0, "configs/smol-gpu.yaml"),
     "cpu": Measured("2 x86 cores with AVX2 (no native bf16)", "2026-12-01", "configs/smol-cpu.yaml: sequences of "
                     "256, batches of 8, fp32; deepen reproduce --rung smol (figures/05_smol_results.csv then)",
@@ -700,33 +701,44 @@ def figures(results: pd.DataFrame, summary: pd.DataFrame, prefix: str, out: str 
             ax.legend(fontsize=8, title=None)
         paths.append(plots.save(fig, f"{prefix}_{experiment}_curves", out))
         plt.close(fig)
-    drift = drift_figure(summary, prefix, out)
+    drift = drift_figure(results, summary, prefix, out)
     return paths + ([drift] if drift else [])
 
 
 
-def drift_figure(summary: pd.DataFrame, prefix: str, out: str | Path | None = None) -> Path | None:
-    """The methods' domain gain against each drift measure they have (deepen.forgetting): x the drift from the
-    base (0: the base's own function; right is worse), y the gain, each with its 95% interval. None without drift."""
+def drift_figure(results: pd.DataFrame, summary: pd.DataFrame, prefix: str, out: str | Path | None = None) -> Path | None:
+    """The methods' domain gain against each drift measure they have (deepen.forgetting), every run at every rate
+    it was trained at (a line joins a method's rates; filled: the rate chosen on validation): x the drift from the
+    base (0: the base's own function; right is worse), y the gain, each with its 95% interval. A method that
+    reaches a gain with less drift than another sits up and to the left of it. None without drift."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    part = summary[summary["experiment"] == "methods"]
-    measures = [m for m in MEASURES if m in part and part[m].notna().any()]
-    if not measures or not len(part):
+    runs = results[results["experiment"] == "methods"]
+    measures = [m for m in MEASURES if m in runs and runs[m].notna().any()]
+    if not measures or not len(runs):
         return None
-    fig, axes = plt.subplots(1, len(measures), figsize=(4.8 * len(measures), 4.4), squeeze=False, layout="constrained")
-    colors = dict(zip(part["variant"], sns.color_palette("tab10", len(part))))
+    chosen = summary[summary["experiment"] == "methods"].set_index("variant")["lr"]
+    variants = list(dict.fromkeys(runs["variant"]))
+    colors = dict(zip(variants, sns.color_palette("tab10", len(variants))))
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 4.4), squeeze=False, layout="constrained")
     for ax, name in zip(axes[0], measures):
-        for _, row in part.iterrows():
-            xerr = [[row[name] - row[f"{name}_lo"]], [row[f"{name}_hi"] - row[name]]]
-            yerr = [[row["gain"] - row.get("gain_lo", row["gain"])], [row.get("gain_hi", row["gain"]) - row["gain"]]]
-            ax.errorbar(row[name], row["gain"], xerr=xerr, yerr=yerr, fmt="o", ms=7, capsize=3,
-                        color=colors[row["variant"]], label=row["variant"])
+        for variant in variants:
+            part = runs[runs["variant"] == variant].groupby("lr", as_index=False).mean(numeric_only=True)
+            ax.plot(part[name], part["gain"], "-", color=colors[variant], lw=1, alpha=0.6)
+            for _, row in part.iterrows():
+                picked = variant in chosen and np.isclose(row["lr"], chosen[variant])
+                ax.errorbar(row[name], row["gain"], xerr=[[row[name] - row[f"{name}_lo"]], [row[f"{name}_hi"] - row[name]]],
+                            yerr=[[row["gain"] - row["gain_lo"]], [row["gain_hi"] - row["gain"]]], fmt="o", ms=7,
+                            capsize=2, color=colors[variant], mfc=colors[variant] if picked else "white",
+                            label=variant if picked else None)
+                ax.annotate(f"{row['lr']:g}", (row[name], row["gain"]), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color=colors[variant])
         ax.axvline(0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel=f"{name} (nats per token)", ylabel="gain: domain ppl base / end", title=name)
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.suptitle("Domain gain against drift from the base's own function (left is less drift; bars: 95% intervals)")
+    fig.suptitle("Gain against drift from the base, each method at each learning rate (filled: the rate chosen); "
+                 "up and left is better; bars: 95% intervals")
     path = plots.save(fig, f"{prefix}_drift_vs_gain", out)
     plt.close(fig)
     return path
