@@ -76,7 +76,7 @@ def measure(config, device: str, steps: int, warmup: int, frozen_sharded: bool) 
     from transformers import AutoConfig, LlamaForCausalLM
 
     from deepen.grow import grow
-    from deepen.loop import optimizer_and_schedule, train_step
+    from deepen.loop import compile_layers, optimizer_and_schedule, train_step
     from deepen.train import build_model  # noqa: F401  (the same imports deepen train makes)
     from deepen.trainable import hold_frozen_in_bf16, select_trainable, trained_layers
 
@@ -96,8 +96,7 @@ def measure(config, device: str, steps: int, warmup: int, frozen_sharded: bool) 
     hold_frozen_in_bf16(model, sharded=frozen_sharded)
     model.config.use_cache = False
     if config.train.compile:
-        for layer in model.get_decoder().layers:
-            layer.compile()
+        compile_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(params, config.train, device)
     t = config.train

@@ -373,3 +373,31 @@ def test_fsdp_accumulation_holds_unsharded_gradients():
     assert B.budget(no_accumulation, gpus=8).memory["accumulated gradients"] == 0
     full = B.budget(LLAMA_PRO, gpus=8, method="full")
     assert full.memory["accumulated gradients"] == 8_357_482_496 * 2 and full.fits
+
+
+# Peak memory measured on one NVIDIA H200 on 2026-12-04 by benchmarks/gpu_speed.py (torch.cuda.max_memory_allocated
+# over 8 training steps; one GPU, no FSDP, no activation checkpointing; bf16 autocast, fused AdamW), in GiB: the
+# planner (strategy ddp) must be within 15% of each.
+H200_PEAK_GIB = {("smol", "full"): 25.37, ("smol", "llama-pro"): 18.73, ("smol", "lora"): 22.45,
+                 ("1b", "full"): 46.41, ("1b", "llama-pro"): 27.41}
+
+
+def test_the_planner_is_within_15_percent_of_the_peak_memory_measured_on_an_h200(tmp_path):
+    from transformers import LlamaConfig
+
+    from deepen.config import GrowConfig, RunConfig, merged
+    from deepen.llama import PRESETS
+
+    shapes = {"smol": (PRESETS["smol"].to_hf(), 6, dict(seq_len=1024, global_batch=64, micro_batch=16)),
+              "1b": (LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                                 num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False), 4,
+                     dict(seq_len=2048, global_batch=32, micro_batch=8))}
+    for (shape, method), peak in H200_PEAK_GIB.items():
+        hf, groups, batch = shapes[shape]
+        hf.save_pretrained(tmp_path / shape)
+        run = merged(RunConfig(model=str(tmp_path / shape)), {
+            "method": method, "grow": GrowConfig(method="llama-pro", groups=groups) if method == "llama-pro" else None,
+            "lora": {"r": 70}, "data": {"seq_len": batch["seq_len"]},
+            "train": {"global_batch": batch["global_batch"], "micro_batch": batch["micro_batch"], "precision": "bf16"}})
+        planned = B.budget(run, gpus=1, strategy="ddp", checkpointing=False).memory_total
+        assert 0.85 <= peak * 2**30 / planned <= 1.15, (shape, method, peak * 2**30 / planned)

@@ -314,6 +314,9 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
         GradientAccumulationPlugin(sync_each_batch=True) — trades this memory for a reduce-scatter per
         micro-batch. DeepSpeed ZeRO-3 reduces every micro-batch: none.)
       - ddp buckets (>1 GPU): DDP's gradient buckets, a second fp32 copy of the trainable gradients;
+      - autocast copies (ddp in bf16): autocast casts each fp32 weight to bf16 for the forward and keeps the copy
+        for the backward, 2 bytes per trainable parameter (the frozen ones are held in bf16 already); under fsdp
+        and zero3 these are the gathered layers above;
       - activations and logits: `activation_bytes` × micro_batch × seq_len (the logits × at most `loss_chunk`
         tokens where the loss is computed in chunks), never sharded (data parallel).
     """
@@ -336,6 +339,7 @@ def memory(shape: Shape, strategy: str, gpus: int, micro_batch: int, checkpointi
     out["gathered layers"] = gathered
     out["accumulated gradients"] = trainable * frozen_bytes if strategy == "fsdp" and accumulation > 1 else 0.0
     out["ddp buckets"] = buckets
+    out["autocast copies"] = 2.0 * trainable if strategy == "ddp" and precision == "bf16" else 0.0
     act_bytes = 2 if precision == "bf16" else 4
     tokens = micro_batch * shape.seq_len
     per_token = activation_bytes(shape, checkpointing, act_bytes)

@@ -56,6 +56,17 @@ def optimizer_and_schedule(params: list, train: TrainConfig, device_type: str = 
     return optimizer, schedule
 
 
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (train.compile), so the state dict, checkpoints and saving see the
+    same modules. A layer's graph is specialised on what differs between layers (its parameters' dtype, bf16
+    frozen or fp32 trainable; whether its input needs a gradient): with dynamo's default limit of 8 recompiles the
+    layers past the 8th variant ran eagerly, silently (seen on an H200), so the limit allows one per layer."""
+    layers = model.get_decoder().layers
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(layers) + 2)
+    for layer in layers:
+        layer.compile()
+
+
 def next_token_loss(chunk: int | None = None):
     """The loss of a micro-batch of token ids (batch, seq): mean cross-entropy of predicting ids[:, 1:]. chunk:
     computed over pieces of `chunk` tokens, the output head and its fp32 logits for one piece at a time and

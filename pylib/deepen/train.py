@@ -31,8 +31,8 @@ from deepen.config import AUTO, RECIPES, RunConfig, batch_layout, check, from_di
 from deepen.data import revisions, tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
 from deepen.instruct import ExampleBatches, encoded, load_examples, pad_id
-from deepen.loop import (NonFiniteLoss, block_losses, next_token_loss, optimizer_and_schedule, precision_on,
-                         train_step)
+from deepen.loop import (NonFiniteLoss, block_losses, compile_layers, next_token_loss, optimizer_and_schedule,
+                         precision_on, train_step)
 from deepen.manifest import Manifest, atomic_folder
 from deepen.models import resolve
 from deepen.objectives import DPO, InstructionTuning, answer_accuracy, preference_scores, reference_logps, response_losses
@@ -266,8 +266,7 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
         # use_reentrant=False: the reentrant variant gives no gradients when a block's input needs none (llama-pro)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if t.compile:
-        for layer in model.get_decoder().layers:
-            layer.compile()  # in place: state dict, checkpoints and saving see the same module
+        compile_layers(model)
 
     # --- optimizer, schedule, and where the run stands
     optimizer, schedule = optimizer_and_schedule(params, t, device_type)
