@@ -354,12 +354,13 @@ def _at_chosen_rates(controls: list[Job], chosen: dict[str, float], seeds: int, 
 def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs: int = 2,
         overrides: list[str] = (), root: str | Path | None = None, experiments: tuple[str, ...] | None = None,
         sweep: str | None = None, threads: int | None = 1, progress: bool = True,
-        out: str | Path | None = None) -> pd.DataFrame:
+        out: str | Path | None = None, train_runs: bool = True) -> pd.DataFrame:
     """Run (or pick up the finished) runs of the profile's experiments (or `experiments`) for `seeds` seeds with
     `jobs` processes, at the profile's learning rates (or those of `sweep`, "lr=a,b"; "" for none); measure each
     finished run's drift from the base; write the CSVs and figures into `out` (default figures/); return the
     per-run results. `overrides` ("key=value") apply to every run. Controls train after the runs they control, at
-    the rate chosen for them. threads: torch threads per run (None: as they are)."""
+    the rate chosen for them. threads: torch threads per run (None: as they are). train_runs=False: only read the
+    run folders (their metrics, per-block losses and drift.json; no model needed) into the tables and figures."""
     from tqdm.auto import tqdm
 
     p = profile_of(rung, profile)
@@ -377,29 +378,35 @@ def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs
     first = jobs_of([e for e in entries if e.controls is None], seeds, rates, root, base)
     later = jobs_of([e for e in entries if e.controls is not None], seeds, None, root, base)
     bar = tqdm(total=len({j.folder for j in first}) + len({j.entry.run for j in later}) * seeds,
-               desc=f"reproduce {rung} ({profile})", disable=not progress)
-    _train_all(first, jobs, threads, bar)
+               desc=f"reproduce {rung} ({profile})", disable=not progress or not train_runs)
+    if train_runs:
+        _train_all(first, jobs, threads, bar)
     part = "test" if rates else "all"
     chosen = {}
     if rates and later:  # the controls at the rate chosen for the methods variant each controls
         results = pd.DataFrame([_row(job, part) for job in first])
         chosen = {variant: lr for (experiment, variant), lr in chosen_rates(results).items() if experiment == "methods"}
         later = _at_chosen_rates(later, chosen, seeds, root, base)
-    _train_all(later, jobs, threads, bar)
+    if train_runs:
+        _train_all(later, jobs, threads, bar)
     bar.close()
     todo = first + later
-    measure_drift(todo, base, progress)
+    if train_runs:
+        measure_drift(todo, base, progress)
 
     results = pd.DataFrame([_row(job, part) for job in todo])
     pooled = pool_seeds(todo, results)
     summary = summarise(results, pooled, todo)
     claims = check_claims(summary, pooled)
+    paired = pairs(todo, "methods")
     prefix = results_prefix(rung, profile)
     out = Path(out) if out is not None else plots.figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / f"{prefix}_results.csv", index=False, float_format="%.6g")
     summary.to_csv(out / f"{prefix}_summary.csv", index=False, float_format="%.6g")
     claims.to_csv(out / f"{prefix}_claims.csv", index=False)
+    if len(paired):
+        paired.to_csv(out / f"{prefix}_pairs.csv", index=False, float_format="%.6g")
     figures(results, summary, prefix, out)
     return results
 
@@ -486,6 +493,39 @@ def pool_seeds(jobs: list[Job], results: pd.DataFrame) -> dict[tuple[str, str], 
         runs = list({r.folder: r for r in runs}.values())
         pooled[key] = RunResult.pooled(runs, results["part"].iloc[0])
     return pooled
+
+
+PAIRED = ("forgetting", "gain", *MEASURES)  # what `pairs` compares: ratios against the base, then drift measures
+
+
+def pairs(jobs: list[Job], experiment: str = "methods") -> pd.DataFrame:
+    """Every run of `experiment` (each variant at each learning rate, seeds pooled) against every other, paired on
+    the same held-out blocks and probe items: for forgetting and gain the ratio a / b (1: the same), for each drift
+    measure the difference a - b (0: the same), with its 95% interval and a verdict — "lower", "higher" or "within
+    noise" (the interval holds the no-difference value). Reported on all the held-out blocks. This is how to read,
+    e.g., whether one method reaches another's gain with less drift, across learning rates."""
+    runs: dict[tuple[str, float], list[RunResult]] = {}
+    for job in jobs:
+        if job.entry.experiment == experiment:
+            runs.setdefault((job.entry.variant, job.config.train.lr), []).append(RunResult.read(job.folder))
+    pooled = {key: RunResult.pooled(list({r.folder: r for r in group}.values())) for key, group in runs.items()}
+    rows = []
+    keys = list(pooled)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            for metric in PAIRED:
+                if metric in MEASURES:
+                    if metric not in pooled[a].drift or metric not in pooled[b].drift:
+                        continue
+                    value, lo, hi = drift_difference(pooled[a], pooled[b], metric)
+                    same = 0.0
+                else:
+                    value, lo, hi = within_noise(pooled[a], pooled[b], metric, "all")
+                    same = 1.0
+                verdict = "within noise" if lo <= same <= hi else "lower" if hi < same else "higher"
+                rows.append({"a": a[0], "a_lr": a[1], "b": b[0], "b_lr": b[1], "metric": metric, "value": value,
+                             "lo": lo, "hi": hi, "a_is": verdict})
+    return pd.DataFrame(rows)
 
 
 def summarise(results: pd.DataFrame, pooled: dict[tuple[str, str], RunResult], jobs: list[Job] = ()) -> pd.DataFrame:
@@ -761,6 +801,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--card", help=f"--dry-run: plan for this card ({', '.join(MEASURED)}; default: the "
                                        "profile's)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their planned time; train nothing")
+    parser.add_argument("--tables-only", action="store_true", help="rebuild the CSVs and figures from the run folders "
+                                                                    "as they are; train and measure nothing")
     parser.add_argument("--root", help="folder of the runs (default runs/reproduce/<rung>[-<profile>])")
     parser.add_argument("--out", help="folder for the CSVs and figures (default figures/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run, e.g. train.steps=20")
@@ -815,7 +857,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     threads = None if gpu else 1  # CPU: one thread per process is fastest here
     results = run(args.rung, profile, args.seeds, args.jobs, args.overrides, args.root, experiments, args.sweep,
-                  threads=threads, out=args.out)
+                  threads=threads, out=args.out, train_runs=not args.tables_only)
 
     out = Path(args.out) if args.out else plots.figures_dir()
     prefix = results_prefix(args.rung, profile)
