@@ -6,12 +6,13 @@ Each case builds its model in code (random weights: speed does not depend on the
 `--warmup` (CUDA synchronised; the median step):
 
 - SmolLM2-135M's shape at the smol GPU profile's batch (sequences of 1,024, 4 micro-batches of 16 = 65,536 tokens
-  per step): full fine-tuning, LLaMA Pro (30 -> 36 blocks, the 6 new ones learn), LoRA of as many trainable
+  per step): full fine-tuning of the base and of the grown model, LLaMA Pro (30 -> 36 blocks, the 6 new ones learn;
+  the FLOP model's speed-up over the grown model trained fully: 1.38x, over the base: 1.18x), LoRA of as many trainable
   parameters (r=70; and r=72, a multiple of 8) with its frozen base in bf16 (what an unsharded run does now) and in
   fp32 (what it did before), full fine-tuning with AdamW's fused kernel off (foreach, the old default), and full
   fine-tuning and LoRA with their decoder layers compiled (train.compile);
 - the 1.01B Llama of gpu_fsdp_1b.py (16 -> 20 blocks) on one GPU without FSDP or checkpointing, 4 micro-batches of
-  8 x 2,048: full fine-tuning and LLaMA Pro, with MFU (tokens/s x deepen.budget's model FLOPs per token / the card's
+  8 x 2,048: full fine-tuning of the base and of the grown model and LLaMA Pro, with MFU (tokens/s x deepen.budget's model FLOPs per token / the card's
   dense bf16 peak).
 
 Prints `BENCH gpu_speed_<case> <value> <unit> on <card>` lines and the ratios the issue's goals name (LoRA / full,
@@ -160,11 +161,13 @@ def main() -> None:
             "smol_full": ("smol", "full", r, True, False, False),
             "smol_full_foreach": ("smol", "full", r, False, False, False),
             "smol_llama_pro": ("smol", "llama-pro", r, True, False, False),
+            "smol_grown_full": ("smol", "grown-full", r, True, False, False),
             f"smol_lora_r{r}": ("smol", "lora", r, True, False, False),
             f"smol_lora_r{r}_fp32_base": ("smol", "lora", r, True, True, False),
             f"smol_lora_r{r8}": ("smol", "lora", r8, True, False, False),
             "1b_full": ("1b", "full", r, True, False, False),
             "1b_llama_pro": ("1b", "llama-pro", r, True, False, False),
+            "1b_grown_full": ("1b", "grown-full", r, True, False, False),
             "smol_full_compiled": ("smol", "full", r, True, False, True),
             f"smol_lora_r{r}_compiled": ("smol", "lora", r, True, False, True),
         }
@@ -185,6 +188,10 @@ def main() -> None:
             print(bench_line(f"gpu_speed_mfu_{name}", result["mfu"], "of-peak", card))
     full = results["smol_full"]["tokens_per_s"]
     ratios = {"smol_llama_pro_over_full": results["smol_llama_pro"]["tokens_per_s"] / full,
+              "smol_llama_pro_over_grown_full": results["smol_llama_pro"]["tokens_per_s"]
+              / results["smol_grown_full"]["tokens_per_s"],
+              "1b_llama_pro_over_grown_full": results["1b_llama_pro"]["tokens_per_s"]
+              / results["1b_grown_full"]["tokens_per_s"],
               f"smol_lora_r{r}_over_full": results[f"smol_lora_r{r}"]["tokens_per_s"] / full,
               f"smol_lora_r{r}_bf16_base_over_fp32_base": results[f"smol_lora_r{r}"]["tokens_per_s"]
               / results[f"smol_lora_r{r}_fp32_base"]["tokens_per_s"],
