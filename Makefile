@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test test-browser test-slow notebooks lab bench bench-gpu reproduce clean
+.PHONY: venv demo test test-browser test-slow notebooks lab bench bench-smoke bench-gpu reproduce clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,12 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do $(OFFLINE) $(PY) $$f || exit 1; done
+
+# Every benchmark script (CPU and GPU) at its --smoke size, seconds each: a rename can never break `make bench` silently
+# (CI runs it; the GPU ones run their CPU path).
+bench-smoke: $(STAMP)
+	@for f in benchmarks/bench_*.py benchmarks/gpu_*.py; do echo "== $$f --smoke"; \
+	  $(OFFLINE) OMP_NUM_THREADS=1 $(PY) $$f --smoke || exit 1; done
 
 bench-gpu: $(STAMP)
 	@ls benchmarks/gpu_*.py >/dev/null 2>&1 || { echo "no GPU benchmarks yet"; exit 0; }; for f in benchmarks/gpu_*.py; do $(OFFLINE) $(PY) $$f || exit 1; done

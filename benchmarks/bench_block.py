@@ -31,12 +31,15 @@ def train_step(forward, ids: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (default: tiny)")
+    parser.add_argument("--preset", default="toy", choices=sorted(PRESETS), help="model shape (default: toy)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
     parser.add_argument("--steps", type=int, default=16, help="timed steps per model (default: 16)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
+    parser.add_argument("--smoke", action="store_true", help="a few short steps: checks the script end to end")
     args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.seq, args.steps, args.warmup = 2, 32, 2, 1
 
     torch.manual_seed(0)
     config = PRESETS[args.preset]

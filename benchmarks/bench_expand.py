@@ -59,6 +59,11 @@ def run_expand(src: Path, dst: Path) -> dict:
 
 
 def main() -> None:
+    global MODEL, SHARD_BYTES
+    if "--smoke" in sys.argv[1:]:  # a tiny width, the same 22 -> 33 layers: checks the script end to end (seconds)
+        MODEL, SHARD_BYTES = LlamaShape(hidden=64, layers=22, heads=4, kv_heads=2, intermediate=128, vocab=256), 10**6
+    elif sys.argv[1:]:
+        sys.exit(f"usage: {sys.argv[0]} [--smoke]")
     root = Path(tempfile.mkdtemp(prefix="deepen-bench-expand-"))
     try:
         t = time.perf_counter()

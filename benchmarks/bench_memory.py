@@ -87,8 +87,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rung", choices=sorted(RUNGS), default="tiny")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: llama-pro,full)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny rung at short sequences: checks the script "
+                                                             "end to end")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides")
     args = parser.parse_args()
+    if args.smoke:
+        args.rung, args.overrides = "tiny", [*args.overrides, "data.seq_len=32"]
     torch.set_num_threads(1)
 
     from deepen.budget import GB, budget

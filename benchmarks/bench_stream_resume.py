@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--early", type=int, default=5, help="the early step (default 5)")
     parser.add_argument("--late", type=int, default=400, help="the late step (default 400: past the first files)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="a small corpus and steps: checks the script end to end")
     args = parser.parse_args()
+    if args.smoke:
+        args.shards, args.documents, args.early, args.late, args.repeats = 16, 40, 1, 4, 1
     torch.set_num_threads(1)
     tokenizer = tiny_tokenizer(4096)
     global_batch, seq_len = 16, 256

@@ -34,16 +34,28 @@ from deepen.plan import llama_pro  # noqa: E402
 from deepen.loop import train_step  # noqa: E402
 from deepen.trainable import select_trainable  # noqa: E402
 
-METHODS = ("llama-pro", "full")
+METHODS = ("llama-pro", "full")  # what the memory comparison runs
+SPEED = (*METHODS, "lora")  # what the speed comparison runs (LoRA: adapters of as many parameters as LLaMA Pro's)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def setup(method: str, seed: int = 0):
-    """(model, trainable parameters, optimizer) for one method on the grown toy model, as deepen.train sets it up."""
+    """(model, trainable parameters, optimizer) for one method on the grown toy model, as deepen.train sets it up
+    (LoRA: peft's adapters on every projection, at the rank whose adapters have as many parameters as the new
+    blocks, the frozen base in fp32 as in an fp32 run)."""
     torch.manual_seed(seed)
     config = PRESETS["toy"].to_hf()
     plan = llama_pro(config.num_hidden_layers, groups=2)
     model = grow(LlamaForCausalLM(config), plan).train()
     model.config.use_cache = False
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        new = sum(p.numel() for name, p in model.named_parameters()
+                  if any(f"layers.{i}." in name for i in plan.new_layers))
+        per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                       if name.rsplit(".", 1)[-1] in LORA_TARGETS)
+        model = get_peft_model(model, LoraConfig(r=max(1, round(new / per_rank)), target_modules=LORA_TARGETS))
     select_trainable(model, method, plan.new_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
@@ -84,8 +96,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a 2-core machine more threads than free cores make "
                              "OpenMP wait, and timings swing 3-10x)")
+    parser.add_argument("--smoke", action="store_true", help="a few short steps: checks the script end to end")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.batch, args.seq, args.steps, args.warmup = 2, 32, 2, 1
     torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child, args.batch, args.seq, args.warmup)
@@ -93,7 +108,7 @@ def main() -> None:
     from deepen import budget
     from deepen.config import load_config
 
-    runs = {method: setup(method) for method in METHODS}
+    runs = {method: setup(method) for method in SPEED}
     vocab = runs["full"][0].config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     total = sum(p.numel() for p in runs["full"][0].parameters())
@@ -101,20 +116,22 @@ def main() -> None:
     print(f"toy preset grown 8 -> 10 layers (new: {llama_pro(8, groups=2).new_layers}): {total / 1e6:.1f}M params, "
           f"{trainable / 1e6:.2f}M trainable with llama-pro; batch {args.batch}x{args.seq}, {args.threads} thread(s), "
           f"torch {torch.__version__}")
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    times: dict[str, list[float]] = {method: [] for method in SPEED}
     for i in range(args.warmup + args.steps):
-        for method in METHODS if i % 2 == 0 else METHODS[::-1]:  # alternate who goes first
+        for method in SPEED if i % 2 == 0 else SPEED[::-1]:  # alternate who goes first
             seconds = step(*runs[method], ids)
             if i >= args.warmup:
                 times[method].append(seconds)
     tokens = args.batch * args.seq
     speed = {method: tokens / statistics.median(t) for method, t in times.items()}
-    for method in METHODS:
-        print(f"{method:>9}: {speed[method]:,.0f} tokens/s (median of {args.steps} steps)")
+    for method in SPEED:
+        print(f"{method:>9}: {speed[method]:,.0f} tokens/s (median of {args.steps} steps), "
+              f"{sum(p.numel() for p in runs[method][1]):,} trainable")
     run = load_config(None, ["model=toy", "grow={method: llama-pro, groups: 2}", f"data.seq_len={args.seq}"])
     predicted = budget.budget(run).speedup
     print(f"FLOP model (deepen.budget, blocks below the first new one do no backward): predicted {predicted:.2f}x")
     print(f"BENCH be_vs_full_train_speed {speed['llama-pro'] / speed['full']:.2f} x")
+    print(f"BENCH lora_vs_full_train_speed {speed['lora'] / speed['full']:.2f} x")
     del runs
 
     memory = {}

@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the same code on a CPU at a tiny shape (numbers "
                                                              "meaningless): checks the script end to end")
     args = parser.parse_args()
-    if not args.smoke and not cuda_or_exit("gpu_speed"):
+    if args.smoke:
+        args.steps, args.warmup = 1, 1
+    elif not cuda_or_exit("gpu_speed"):
         return
     import torch
 
