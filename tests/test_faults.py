@@ -376,3 +376,130 @@ def test_debug_shows_the_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "deepen", "--debug", "verify", str(tmp_path / "a"), str(tmp_path / "b")],
                           capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" in done.stderr and "FileNotFoundError" in done.stderr
+
+
+# --- one writer per run folder, and checkpoints that survive damage
+
+
+def run_args(base: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model={base}", "grow={method: llama-pro, groups: 2}", "data.seq_len=32", "data.max_tokens=4096",
+            "train.global_batch=4", "train.micro_batch=2", "train.lr=1e-2", "train.eval_every=2", "train.eval_batches=1",
+            f"out={out}", *extra]
+
+
+SLOW_TRAINING = """
+import sys, time
+from deepen.config import load_config
+from deepen.train import train
+train(load_config(None, sys.argv[1:]), progress=False, callback=lambda record, model: time.sleep(0.5))
+"""
+
+
+def test_a_second_run_into_the_same_folder_refuses_at_once(small_llama_path, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(small_llama_path, out, "train.steps=12", "train.save_every=4")
+    first = subprocess.Popen([sys.executable, "-c", SLOW_TRAINING, *args], stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (out / "metrics.jsonl").is_file(), first.stderr.read() if first.poll() is not None else "no metrics"
+    began = time.time()
+    second = subprocess.run([sys.executable, "-c", "import sys; from deepen.cli import main; sys.exit(main(sys.argv[1:]))",
+                             "train", "--config", str(REPO / "configs" / "tiny-cpu.yaml"), *args], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert time.time() - began < 60 and first.poll() is None  # refused while the first still trains
+    assert second.returncode != 0
+    one_line_error(second.stderr, f"{out} is being written by another process", f"pid {first.pid}")
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(13))  # one run's records, in order
+
+
+def test_a_lock_whose_holder_was_killed_is_taken_over(tmp_path):
+    from deepen.manifest import one_writer
+
+    folder = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from deepen.manifest import one_writer
+        with one_writer({str(folder)!r}):
+            open({str(tmp_path / 'held')!r}, "w").close()
+            time.sleep(600)
+        """)])
+    deadline = time.time() + 60
+    while not (tmp_path / "held").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    said = []
+    with pytest.raises(Exception, match=f"is being written by another process \\(pid {holder.pid} on"):
+        with one_writer(folder, say=said.append):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with one_writer(folder, say=said.append):
+        pass
+    assert len(said) == 1 and f"took over {folder}" in said[0] and f"pid {holder.pid}" in said[0]
+    with one_writer(folder, say=said.append):  # released cleanly: nothing more to say
+        pass
+    assert len(said) == 1
+
+
+def damage_file(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[:len(data) // 2]))
+    else:  # one bit flipped in the middle of the tensors
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_a_damaged_last_checkpoint_resumes_from_the_one_before(small_llama_path, tmp_path, how, capsys):
+    def curve(out):
+        return [(r["step"], r.get("loss"), r.get("ppl_general")) for r in
+                (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())]
+
+    args = run_args(small_llama_path, tmp_path / "whole", "train.steps=6", "train.save_every=2")
+    train(load_config(None, args), progress=False)
+    cut = tmp_path / "cut"
+    args = run_args(small_llama_path, cut, "train.steps=6", "train.save_every=2")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(record, model):
+        if record["step"] == 5:
+            raise Killed
+
+    with pytest.raises(Killed):  # as if killed after step 5: checkpoints at steps 2 and 4 are kept
+        train(load_config(None, args), progress=False, callback=kill_at_5)
+    assert sorted(p.name for p in (cut / CHECKPOINTS).iterdir()) == ["step-0000002", "step-0000004"]
+    damage_file(cut / CHECKPOINTS / "step-0000004" / "rank-00000.safetensors", how)
+    capsys.readouterr()
+    train(load_config(None, args), progress=False)
+    said = capsys.readouterr().out
+    assert "resuming from step-0000002: the newer checkpoint is damaged" in said and "rank-00000.safetensors" in said
+    assert curve(cut) == curve(tmp_path / "whole")  # exactly the uninterrupted run's losses from step 2 on
+
+
+def test_no_usable_checkpoint_is_one_line_and_restart_starts_over(small_llama_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = run_args(small_llama_path, out, "train.steps=6", "train.save_every=2")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(record, model):
+        if record["step"] == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(load_config(None, args), progress=False, callback=kill_at_5)
+    for step in ("step-0000002", "step-0000004"):
+        damage_file(out / CHECKPOINTS / step / "rank-00000.safetensors", "truncated")
+    command = ["train", "--config", str(REPO / "configs" / "tiny-cpu.yaml"), *args]
+    assert main(command) == 2
+    one_line_error(capsys.readouterr().err, "no checkpoint", "can be resumed from", "--restart")
+    assert main([*command, "--restart"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(7))

@@ -85,9 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, list(args.overrides) + objective + ([f"method={args.method}"] if args.method
                                                                          else []))
     if args.command == "dpo":
-        out = run_dpo(config, args.stages, allow_change=args.allow_change)
+        out = run_dpo(config, args.stages, allow_change=args.allow_change, restart=args.restart)
     else:
-        out = train(config, allow_change=args.allow_change)
+        out = train(config, allow_change=args.allow_change, restart=args.restart)
     if not PartialState().is_main_process:
         return 0  # under torchrun / accelerate launch: one report
     run = RunResult.read(out.parent)
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="when resuming, allow this config key to differ from the saved run's (repeatable): "
                         "train.lr (e.g. after a nan loss), train.clip, train.eval_every, train.save_every")
+    p.add_argument("--restart", action="store_true", help="start the run over: remove what the out folder holds of an "
+                                                          "earlier run (its checkpoints, logs and model) first")
     p.set_defaults(func=cmd_train)
 
     for name, help_ in (("sft", "instruction tuning after growth: loss on the response tokens only (e.g. "
@@ -201,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model=runs/x/model")
         p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                        help="when resuming, allow this config key to differ from the saved run's (as for train)")
+        p.add_argument("--restart", action="store_true", help="start the run over (as for train)")
         if name == "dpo":
             p.add_argument("--stages", type=int, help="sDPO: split the pairs into this many chunks, one stage each "
                                                       "(default: the config's dpo.stages, 1: plain DPO)")

@@ -22,10 +22,11 @@ def stage_folders(out: str | Path, stages: int) -> list[Path]:
     return [out] if stages == 1 else [out / f"stage-{k + 1}" for k in range(stages)]
 
 
-def run_dpo(config: RunConfig, stages: int | None = None, *, progress: bool = True, allow_change=()) -> Path:
+def run_dpo(config: RunConfig, stages: int | None = None, *, progress: bool = True, allow_change=(),
+            restart: bool = False) -> Path:
     """Train DPO (stages 1) or sDPO (stages K: config.train.steps and the pairs split over the K stages, shares
     differing by at most one, so both see the same pairs for the same number of steps); returns the last stage's
-    model folder. Rerunning resumes; `allow_change` as for `train` (each stage's saved config)."""
+    model folder. Rerunning resumes; `allow_change` and `restart` as for `train` (each stage's)."""
     stages = stages or config.dpo.stages
     config = check(dataclasses.replace(config, objective="dpo", dpo=dataclasses.replace(config.dpo, stages=stages,
                                                                                         stage=0)))
@@ -40,7 +41,7 @@ def run_dpo(config: RunConfig, stages: int | None = None, *, progress: bool = Tr
             train=dataclasses.replace(config.train, steps=end - begin))
         if progress and stages > 1:
             print(f"sDPO stage {k + 1} of {stages}: the reference is {model}", flush=True)
-        model = str(train(stage, progress=progress, allow_change=allow_change))
+        model = str(train(stage, progress=progress, allow_change=allow_change, restart=restart))
     return Path(model)
 
 

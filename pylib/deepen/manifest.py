@@ -18,6 +18,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,6 +169,60 @@ def terminate_as_exception():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+class FolderBusy(RuntimeError):
+    """Another process is writing the folder."""
+
+
+@contextmanager
+def one_writer(folder: str | os.PathLike, say=None):
+    """Hold `folder`'s lock while the block writes it: one writer at a time (a run folder, an expanded or merged
+    OUT). The lock is a file beside the folder, `.NAME.lock`, locked with the OS's flock (so it dies with its
+    process) and holding who has it (host, pid, since); it is removed when the block ends. A second process refuses
+    at once with FolderBusy naming the holder; a lock file whose holder is gone without removing it (killed, the
+    machine rebooted) is taken over, with a line saying so (`say`, default stderr)."""
+    import fcntl
+
+    folder = Path(folder)
+    say = say or (lambda line: print(line, file=sys.stderr))
+    lock_file = folder.parent / f".{folder.name}.lock"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(lock_file)
+            os.close(fd)
+            raise FolderBusy(f"{folder} is being written by another process ({holder}); wait for it to finish, or "
+                             f"choose another output folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file as this process opened it: lock the one there now
+    try:
+        previous = _holder(lock_file, missing=None)
+        if previous is not None:  # left by a holder that never came to remove it: killed, or the machine rebooted
+            say(f"took over {folder}: its last writer ({previous}) is gone without finishing")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": _host(), "pid": os.getpid(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        yield folder
+    finally:
+        lock_file.unlink(missing_ok=True)  # before unlocking: a process waiting on this file then sees it is gone
+        os.close(fd)
+
+
+def _holder(lock_file: Path, missing: str | None = "holder unknown") -> str | None:
+    try:
+        info = json.loads(lock_file.read_text())
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return missing
+
+
 @contextmanager
 def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder beside `out`; when the block succeeds it becomes `out`, on any error, Ctrl-C or
@@ -175,6 +230,13 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
     complete, then swapped out (renamed aside, the new one renamed in, the old one removed). Leftovers of a
     killed earlier write into `out` are removed first (`sweep_stale`)."""
     out = Path(out)
+    with one_writer(out):
+        with _atomic_folder(out, overwrite) as tmp:
+            yield tmp
+
+
+@contextmanager
+def _atomic_folder(out: Path, overwrite: bool):
     sweep_stale(out)  # first: it may put back an OUT that an interrupted --overwrite had set aside
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a folder; choose another output folder")

@@ -3,7 +3,8 @@
     config.yaml        the run's config (a rerun with another config is refused)
     metrics.jsonl      one record per step: loss, lr, tokens, tokens/s; held-out perplexities when evaluated
     evaluations.jsonl  each evaluation's loss per held-out block (and the base's), for confidence intervals
-    checkpoints/       step-N: the training state to resume from (only the last is kept)
+    checkpoints/       step-N: the training state to resume from (the last two complete ones are kept, each file
+                       with its size and CRC-32, so a damaged last one falls back to the one before)
     model/             the trained model (from_pretrained loads it), written at the end
 
 `Checkpointer` saves and resumes the training state without pickle: tensors in safetensors, one file per process
@@ -19,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +80,54 @@ def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
                               shape=param.shape, stride=param.stride())
 
 
+KEEP = 2  # complete checkpoints kept: the newest, and the one before it in case the newest is found damaged
+
+
+def file_check(path: Path) -> dict:
+    """A file's size and CRC-32 (read in 16 MiB pieces): what a checkpoint records of each file it writes."""
+    crc = 0
+    with open(path, "rb") as f:
+        while piece := f.read(16 * 2**20):
+            crc = zlib.crc32(piece, crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a saved checkpoint folder, in a few words naming the file, or None if it is whole: its
+    state.json reads and its step is the folder's; every process's JSON reads and its safetensors file has the
+    size and CRC-32 recorded when it was written, and opens."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((checkpoint / STATE).read_text())
+        step, processes = int(state["step"]), int(state["processes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{checkpoint / STATE} cannot be read ({type(e).__name__})"
+    if checkpoint.name != f"step-{step:07d}":
+        return f"{checkpoint / STATE} says step {step}, not the folder's"
+    for rank in range(processes):
+        meta_path, tensors = checkpoint / f"rank-{rank:05d}.json", checkpoint / f"rank-{rank:05d}.safetensors"
+        try:
+            recorded = json.loads(meta_path.read_text()).get("file")
+        except (OSError, ValueError) as e:
+            return f"{meta_path} cannot be read ({type(e).__name__})"
+        if not tensors.is_file():
+            return f"{tensors} is missing"
+        if recorded is not None and file_check(tensors) != recorded:
+            return f"{tensors} is not the file that was written (its size or CRC-32 differs: truncated or corrupted)"
+        try:
+            with safe_open(tensors, "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 — safetensors raises its own error types for a bad header
+            return f"{tensors} does not open ({type(e).__name__})"
+    return None
+
+
 class Checkpointer:
     """Save and resume a run's training state in `folder` (out/checkpoints): step-N folders written whole into
-    .step-N.partial and renamed, the previous one removed after. Every process calls `save` and `load`."""
+    .step-N.partial and renamed; the last KEEP complete ones kept. On resume the newest whole one is used: a damaged
+    newest one (`damage`) is reported in one line and the one before it is used instead. Every process calls `save`
+    and `load`."""
 
     def __init__(self, folder: str | os.PathLike, accelerator, model, optimizer, schedule):
         from accelerate.utils import DistributedType
@@ -92,8 +139,12 @@ class Checkpointer:
         # own, pickled format: resume only run folders you made), the rest is deepen's
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
+    def saved(self) -> list[Path]:
+        """The complete checkpoints, oldest first."""
+        return sorted(self.folder.glob("step-*[0-9]")) if self.folder.is_dir() else []
+
     def last(self) -> Path | None:
-        done = sorted(self.folder.glob("step-*[0-9]")) if self.folder.is_dir() else []
+        done = self.saved()
         return done[-1] if done else None
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -130,20 +181,22 @@ class Checkpointer:
         numpy_state = np.random.get_state()
         tensors["rng/numpy"] = torch.from_numpy(numpy_state[1].astype(np.int64))
         tensors.update({f"data/{k}": v for k, v in local[1].items()})
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"rank-{self.rank:05d}.safetensors")
+        tensor_file = tmp / f"rank-{self.rank:05d}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tensor_file)
         (tmp / f"rank-{self.rank:05d}.json").write_text(json.dumps({
             "optimizer_state": kinds, "python_random": _jsonable(random.getstate()),
-            "numpy_random": [numpy_state[0], *numpy_state[2:]], "data": local[0]}))
+            "numpy_random": [numpy_state[0], *numpy_state[2:]], "data": local[0], "file": file_check(tensor_file)}))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             groups = [{**g, "betas": list(g["betas"])} if "betas" in g else g for g in optimizer["param_groups"]]
             (tmp / STATE).write_text(json.dumps({"step": step, **state, "processes": self.world,
                                                  "param_groups": groups, "schedule": self.schedule.state_dict()},
                                                 indent=1))
+            if final.exists():  # a damaged one this run resumed from before: replaced by the new one
+                shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in self.folder.glob("step-*"):
-                if old != final:
-                    shutil.rmtree(old)
+            for old in self.saved()[:-KEEP]:  # the newest KEEP stay: a damaged newest one has one to fall back to
+                shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -152,7 +205,7 @@ class Checkpointer:
         (JSON, tensors), as `save` got them) or None."""
         for stale in self.folder.glob(".step-*.partial") if self.accelerator.is_main_process else ():
             shutil.rmtree(stale, ignore_errors=True)  # a checkpoint a killed run did not finish writing
-        last = self.last()
+        last = self._whole()
         if last is None:
             return None
         state = json.loads((last / STATE).read_text())
@@ -181,6 +234,30 @@ class Checkpointer:
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
         self.optimizer.load_state_dict({"state": entries, "param_groups": groups})
         return self._restore_rest(state, tensors, meta)
+
+    def _whole(self) -> Path | None:
+        """The newest checkpoint that is whole (checked by the main process, its answer shared), saying in one line
+        which newer ones are damaged; None when there is none; an error naming the damage when all are."""
+        from accelerate.utils import broadcast_object_list
+
+        answer = [None, []]
+        if self.accelerator.is_main_process:
+            for checkpoint in reversed(self.saved()):
+                problem = damage(checkpoint)
+                if problem is None:
+                    answer[0] = str(checkpoint)
+                    break
+                answer[1].append(problem)
+        if self.world > 1:
+            broadcast_object_list(answer)
+        chosen, problems = answer
+        if problems and chosen is None:
+            raise ValueError(f"no checkpoint in {self.folder} can be resumed from: {'; '.join(problems)}. Start the "
+                             f"run over with --restart (in Python: train(config, restart=True)), or remove "
+                             f"{self.folder.parent}")
+        if problems and self.accelerator.is_main_process:
+            print(f"resuming from {Path(chosen).name}: the newer checkpoint is damaged ({problems[0]})", flush=True)
+        return None if chosen is None else Path(chosen)
 
     def _restore_rest(self, state: dict, tensors: dict, meta: dict) -> dict:
         """The schedule, the random states and this process's data position."""

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +34,10 @@ from deepen.grow import BranchMasks, grow, preserves_function
 from deepen.instruct import ExampleBatches, encoded, load_examples, pad_id
 from deepen.loop import (NonFiniteLoss, block_losses, compile_layers, next_token_loss, optimizer_and_schedule,
                          precision_on, train_step)
-from deepen.manifest import Manifest, atomic_folder
+from deepen.manifest import FolderBusy, Manifest, atomic_folder, one_writer
 from deepen.models import resolve
 from deepen.objectives import DPO, InstructionTuning, answer_accuracy, preference_scores, reference_logps, response_losses
-from deepen.rundir import CHECKPOINTS, CONFIG, EVALUATIONS, FINAL, Checkpointer, MetricsLog
+from deepen.rundir import CHECKPOINTS, CONFIG, EVALUATIONS, FINAL, METRICS, Checkpointer, MetricsLog
 from deepen.trainable import hold_frozen_in_bf16, select_trainable, trained_layers, widened_to_fp32
 
 # Keys a resumed run may change when asked to (train(allow_change=...), `deepen train --allow-change KEY`).
@@ -166,7 +167,7 @@ def _set_lr(optimizer, schedule, lr: float) -> None:
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def train(config: RunConfig, *, progress: bool = True, callback=None, allow_change=()) -> Path:
+def train(config: RunConfig, *, progress: bool = True, callback=None, allow_change=(), restart: bool = False) -> Path:
     """Train as `config` says; returns the final model folder (out/model).
 
     Writes the run folder `config.out` (deepen.rundir): config.yaml; metrics.jsonl (loss, lr, tokens, tokens/s per
@@ -183,13 +184,66 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     CPU the same losses as an uninterrupted run. allow_change: config keys a resume may change
     (CHANGEABLE_ON_RESUME, e.g. "train.lr" after a nan loss); the change is recorded in the metrics.
     callback(record, model) runs after each step's record and checkpoint are written (tests stop a run there).
+
+    One writer per run folder: the run holds `out`'s lock (deepen.manifest.one_writer; one lock for all the
+    processes of a distributed run, taken by the main one), so a second run into it refuses at once, naming the
+    holder. restart: remove what the folder holds of an earlier run (config, logs, checkpoints, model) and start
+    over — what to do when its checkpoints are damaged beyond resuming.
     """
+    from accelerate import PartialState
+
+    config = check(config)
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    with _one_writer_per_run(Path(config.out), state):
+        if restart and state.is_main_process:
+            _clear_run(Path(config.out))
+        state.wait_for_everyone()
+        return _train(config, progress=progress, callback=callback, allow_change=allow_change)
+
+
+RUN_FILES = (CONFIG, METRICS, EVALUATIONS, CHECKPOINTS, FINAL, "drift.json")  # what a run writes into its folder
+
+
+def _clear_run(out: Path) -> None:
+    """Remove an earlier run's files from `out` (train(restart=True)); anything else there stays."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+@contextmanager
+def _one_writer_per_run(out: Path, state):
+    """The run folder's lock, held by the main process for all of them; every process raises if it is taken."""
+    from accelerate.utils import broadcast_object_list
+
+    holder, error = None, [None]
+    if state.is_main_process:
+        holder = one_writer(out)
+        try:
+            holder.__enter__()
+        except FolderBusy as e:
+            holder, error = None, [str(e)]
+    if state.num_processes > 1:
+        broadcast_object_list(error)  # the main process's answer, to every process
+    if error[0] is not None:
+        raise FolderBusy(error[0])
+    try:
+        yield
+    finally:
+        if holder is not None:
+            holder.__exit__(None, None, None)
+
+
+def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path:
+    """train(), with the run folder's lock held."""
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    config = check(config)
     t, d, out = config.train, config.data, Path(config.out)
     changes = _refuse_another_config(out, config, allow_change)
     if (out / FINAL / "config.json").is_file():
