@@ -173,7 +173,7 @@ def train(config: RunConfig, *, progress: bool = True, callback=None, allow_chan
     Writes the run folder `config.out` (deepen.rundir): config.yaml; metrics.jsonl (loss, lr, tokens, tokens/s per
     step; held-out perplexity on the general and the domain corpus at step 0, every `eval_every` steps and at the
     end; at step 0 also the base's, measured before growing, when the plan changes the function); checkpoints
-    (the last kept, no pickle); model/ (fp32, with its tokenizer and, for a grown model, expansion.json marked
+    (the last two kept, each file with its size and CRC-32; no pickle); model/ (fp32, with its tokenizer and, for a grown model, expansion.json marked
     trained; a lora run merged into the base weights). A bf16 run holds its frozen weights in bf16 where FSDP
     allows it (`hold_frozen_in_bf16`).
 
