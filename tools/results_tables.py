@@ -54,25 +54,26 @@ def methods(prefix: str) -> str:
 
 def frontier(prefix: str) -> str:
     """For each run of the methods experiment (every rate), the runs of other methods that reach at least its gain
-    with less drift on the base's own samples, beyond noise (paired): who is dominated, by whom."""
+    with less drift on the base's own samples, beyond noise (deepen.reproduce.dominated)."""
+    from deepen.reproduce import dominated
+
     pairs = _csv(f"{prefix}_pairs")
-    if pairs is None:
-        return "(no pairs table)"
     measure = "kl_text" if (pairs["metric"] == "kl_text").any() else "kl_heldout"
-    both = pd.concat([pairs, pairs.rename(columns={"a": "b", "b": "a", "a_lr": "b_lr", "b_lr": "a_lr"}).assign(
-        a_is=pairs["a_is"].map({"lower": "higher", "higher": "lower", "within noise": "within noise"}))])
-    runs = sorted({(r["a"], float(r["a_lr"])) for _, r in both.iterrows()})
+    return "\n".join(f"- {r['variant']} at {r['lr']:g}: " + (
+        f"reached with less {measure} and at least its gain by {', '.join(r['by'])}" if r["by"] else
+        f"on the frontier: no run of another method reaches its gain with less {measure}")
+        for _, r in dominated(pairs, measure).iterrows())
+
+
+def paired(prefix: str) -> str:
+    """Every pair of runs, paired on the same items: the gain ratio and the drift differences, with verdicts."""
+    frame = _csv(f"{prefix}_pairs")
     lines = []
-    for variant, lr in runs:
-        mine = both[(both["a"] == variant) & (both["a_lr"].astype(float) == lr)]
-        better = []
-        for (other, other_lr), group in mine.groupby(["b", "b_lr"]):
-            verdict = dict(zip(group["metric"], group["a_is"]))
-            if other != variant and verdict.get("gain") in ("lower", "within noise") and verdict.get(measure) == "higher":
-                better.append(f"{other} at {float(other_lr):g}")
-        lines.append(f"- {variant} at {lr:g}: " + (f"reached with less {measure} and at least its gain by "
-                                                   f"{', '.join(better)}" if better else "on the frontier: no run "
-                                                   f"of another method reaches its gain with less {measure}"))
+    for (a, a_lr, b, b_lr), group in frame.groupby(["a", "a_lr", "b", "b_lr"], sort=False):
+        parts = [f"{r['metric']} {'×' if r['metric'] in ('gain', 'forgetting') else ''}"
+                 f"{r['value']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] ({r['a_is']})" for _, r in group.iterrows()
+                 if r["metric"] in ("gain", "kl_text", "kl_heldout")]
+        lines.append(f"- {a} at {a_lr:g} against {b} at {b_lr:g}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -97,7 +98,7 @@ def tiny() -> str:
 TABLES = {
     "smol-gpu": lambda: methods("smol_gpu"), "smol-gpu-frontier": lambda: frontier("smol_gpu"),
     "smol-gpu-claims": lambda: claims("smol_gpu"), "smol-cpu": lambda: methods("smol"),
-    "smol-cpu-claims": lambda: claims("smol"), "tiny": tiny, "tiny-claims": lambda: claims("tiny"),
+    "smol-cpu-pairs": lambda: paired("smol"), "tiny": tiny, "tiny-claims": lambda: claims("tiny"),
 }
 
 

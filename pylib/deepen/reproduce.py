@@ -78,6 +78,7 @@ class Profile:
     rates: dict[str, tuple[float, ...]] | None = None  # a sweep: learning rates by run kind (`kind`); None: preset's
     variants: tuple[str, ...] | None = None  # methods variants to run (by their names' start; None: all)
     controlled: tuple[str, ...] | None = None  # methods variants that get a control (None: all that run)
+    jobs: int = 2  # runs at once, one process each (one GPU: 1)
 
 
 # Rates of the short GPU profile, by kind of run: the methods that train a sixth of the weights or fewer (new blocks,
@@ -98,12 +99,12 @@ PROFILES = {
                              "the five methods on 3M code tokens each with a two-rate sweep, their drift from the base "
                              "and, for LLaMA Pro and full fine-tuning, their forgetting net of repair",
                              changes={"train": {"steps": 46, "eval_every": 46, "save_every": 46}},
-                             rates=SHORT_RATES, controlled=("llama-pro", "full (SeqFT)")),
+                             rates=SHORT_RATES, controlled=("llama-pro", "full (SeqFT)"), jobs=1),
     ("smol", "gpu-long"): Profile("configs/smol-gpu.yaml", EXPERIMENTS, 3, "H200",
                                   "every experiment on 6M code tokens per run, 3 seeds, the two-rate sweep, a control "
                                   "for every method",
                                   changes={"train": {"steps": 96, "eval_every": 48, "save_every": 48}},
-                                  rates=SHORT_RATES),
+                                  rates=SHORT_RATES, jobs=1),
 }
 PROFILES[("tiny", "gpu")] = PROFILES[("tiny", "cpu")]
 
@@ -139,9 +140,15 @@ MEASURED = {
                      {"llama-pro": 146_036, "full": 135_172, "lora": 92_986, "grown-full": 109_486, "blocks": 166_531},
                      10.0, "configs/smol-gpu.yaml"),
     "cpu": Measured("2 x86 cores with AVX2 (no native bf16)", "2026-12-01", "configs/smol-cpu.yaml: sequences of "
-                    "256, batches of 8, fp32; deepen reproduce --rung smol (figures/05_smol_results.csv then)",
+                    "256, batches of 8, fp32, 2 runs at once; deepen reproduce --rung smol (figures/05_smol_results.csv "
+                    "then); the overhead per run is not measured there: cpu-bf16's, scaled by the ratio of LLaMA Pro's "
+                    "tokens/s",
                     {"llama-pro": 77.6, "full": 61.3, "lora": 62.5, "grown-full": 52.9, "blocks": 66.5},
-                    600.0, "configs/smol-cpu.yaml"),
+                    410.0 * 135.3 / 77.6, "configs/smol-cpu.yaml"),
+    "cpu-bf16": Measured("2 x86 cores with AVX-512 bf16", "2026-12-04", "configs/smol-cpu.yaml: sequences of 256, "
+                         "batches of 8, precision auto (bf16 there), 2 runs at once; deepen reproduce --rung smol "
+                         "(1,767 s for its 2 runs)", {"llama-pro": 135.3, "full": 109.1}, 410.0,
+                         "configs/smol-cpu.yaml"),
 }
 
 
@@ -150,11 +157,12 @@ def kind(config: RunConfig) -> str:
     return "grown-full" if config.method == "full" and config.grow is not None else config.method
 
 
-def planned_seconds(configs: list[RunConfig], card: str) -> float | None:
-    """Seconds the runs take one after another on `card` (a MEASURED row): each run's tokens at the measured
-    tokens/s of its kind, scaled by its FLOPs per token against the measured run's (deepen.budget), plus the
-    measured overhead per run; None for a card with no measurement."""
-    if card not in MEASURED:
+def planned_seconds(configs: list[RunConfig], card: str, jobs: int = 1) -> float | None:
+    """Seconds the runs take on `card` (a MEASURED row), `jobs` at a time: each run's tokens at the measured
+    tokens/s of its kind (measured as the profile runs them), scaled by its FLOPs per token against the measured
+    run's (deepen.budget), plus the overhead per run, the sum spread over the jobs; None for a card, or a kind of
+    run, with no measurement."""
+    if card not in MEASURED or any(kind(c) not in MEASURED[card].tokens_per_s for c in configs):
         return None
     m = MEASURED[card]
     reference = load_config(REPO / m.preset)
@@ -167,7 +175,7 @@ def planned_seconds(configs: list[RunConfig], card: str) -> float | None:
         tokens = config.train.steps * config.train.global_batch * config.data.seq_len
         scale = budget(config).flops.model / budget(ref).flops.model
         seconds += tokens / m.tokens_per_s[k] * scale + m.overhead_s
-    return seconds
+    return seconds / max(1, min(jobs, len(configs)))
 
 
 # --------------------------------------------------------------------------------------------- the runs
@@ -351,7 +359,7 @@ def _at_chosen_rates(controls: list[Job], chosen: dict[str, float], seeds: int, 
     return out
 
 
-def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs: int = 2,
+def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs: int | None = None,
         overrides: list[str] = (), root: str | Path | None = None, experiments: tuple[str, ...] | None = None,
         sweep: str | None = None, threads: int | None = 1, progress: bool = True,
         out: str | Path | None = None, train_runs: bool = True) -> pd.DataFrame:
@@ -370,6 +378,7 @@ def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs
     if unknown:
         raise ValueError(f"unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     seeds = p.seeds if seeds is None else seeds
+    jobs = p.jobs if jobs is None else jobs
     if seeds < 1 or jobs < 1:
         raise ValueError(f"seeds and jobs must be at least 1, got seeds={seeds}, jobs={jobs}")
     rates = parse_sweep(sweep) if sweep is not None else p.rates
@@ -409,6 +418,22 @@ def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs
         paired.to_csv(out / f"{prefix}_pairs.csv", index=False, float_format="%.6g")
     figures(results, summary, prefix, out)
     return results
+
+
+def run_folder(rung: str, variant: str, profile: str = "cpu", experiment: str = "methods", seed: int = 0,
+               lr: float | None = None) -> Path | None:
+    """The folder of one run of a reproduction (runs/reproduce/...; its model in model/ once finished), e.g.
+    run_folder("smol", "llama-pro") for the CPU profile's LLaMA Pro run; None if it was not run. lr: the rate, for a
+    profile that sweeps."""
+    base = rung_config(rung, profile)
+    entries = [e for e in plan_runs(rung, profile) if (e.experiment, e.variant) == (experiment, variant)]
+    if not entries:
+        raise ValueError(f"the {rung} rung's {profile} profile has no {experiment} run {variant!r}")
+    rates = [lr] if lr is not None else PROFILES[rung, profile].rates
+    for job in jobs_of(entries, seed + 1, rates, runs_root(rung, profile), base):
+        if job.seed == seed and job.folder.is_dir():
+            return job.folder
+    return None
 
 
 def results_prefix(rung: str, profile: str) -> str:
@@ -525,6 +550,24 @@ def pairs(jobs: list[Job], experiment: str = "methods") -> pd.DataFrame:
                 verdict = "within noise" if lo <= same <= hi else "lower" if hi < same else "higher"
                 rows.append({"a": a[0], "a_lr": a[1], "b": b[0], "b_lr": b[1], "metric": metric, "value": value,
                              "lo": lo, "hi": hi, "a_is": verdict})
+    return pd.DataFrame(rows)
+
+
+def dominated(paired: pd.DataFrame, measure: str = "kl_text") -> pd.DataFrame:
+    """From `pairs`' table: for each run (variant, lr), the runs of *other* variants that reach at least its gain
+    (more, or within noise) with less drift on `measure` beyond noise — one row per run, `by` empty for a run on
+    the frontier (none does). The question a drift-against-gain comparison asks, answered on paired intervals."""
+    flipped = paired.rename(columns={"a": "b", "b": "a", "a_lr": "b_lr", "b_lr": "a_lr"}).assign(
+        a_is=paired["a_is"].map({"lower": "higher", "higher": "lower", "within noise": "within noise"}))
+    both = pd.concat([paired, flipped], ignore_index=True)
+    rows = []
+    for (variant, lr), mine in both.groupby(["a", "a_lr"], sort=True):
+        by = []
+        for (other, other_lr), group in mine.groupby(["b", "b_lr"], sort=True):
+            verdict = dict(zip(group["metric"], group["a_is"]))
+            if other != variant and verdict.get("gain") in ("lower", "within noise") and verdict.get(measure) == "higher":
+                by.append(f"{other} at {other_lr:g}")
+        rows.append({"variant": variant, "lr": lr, "by": by})
     return pd.DataFrame(rows)
 
 
@@ -792,8 +835,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to run where (default: gpu when CUDA is present, else cpu): " + "; ".join(
                             f"{r} {p}: {PROFILES[r, p].shows}" for r, p in PROFILES if (r, p) != ("tiny", "gpu")))
     parser.add_argument("--seeds", type=int, help="seeds per run (default: the profile's)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="runs at once, one process each (default: 2; use 1 on one GPU)")
+    parser.add_argument("--jobs", type=int, help="runs at once, one process each (default: the profile's, 2 on a CPU "
+                                                 "and 1 on a GPU)")
     parser.add_argument("--experiments", help=f"comma list of {', '.join(EXPERIMENTS)} (default: the profile's)")
     parser.add_argument("--sweep", help="learning rates for every run, e.g. lr=1e-4,3e-4,1e-3: each variant's rate is "
                                         "chosen on the validation half of the held-out blocks, reported on the test "
@@ -809,7 +852,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def dry_run(rung: str, profile: str, overrides=(), seeds: int | None = None, experiments=None, sweep=None,
-            card: str | None = None) -> tuple[list[Job], float | None]:
+            card: str | None = None, jobs: int | None = None) -> tuple[list[Job], float | None]:
     """(the jobs a reproduction would train, their planned seconds on `card`): controls counted once per seed at
     one rate, as they will run; None where the card has no measured throughput."""
     p = profile_of(rung, profile)
@@ -826,7 +869,7 @@ def dry_run(rung: str, profile: str, overrides=(), seeds: int | None = None, exp
     todo = jobs_of([e for e in entries if e.controls is None], seeds, rates, root, base) + jobs_of(
         [e for e in entries if e.controls is not None], seeds, None, root, base)
     distinct = list({j.folder: j for j in todo}.values())
-    return distinct, planned_seconds([j.config for j in distinct], card or p.card)
+    return distinct, planned_seconds([j.config for j in distinct], card or p.card, p.jobs if jobs is None else jobs)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -840,7 +883,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--card {args.card!r}: throughput is measured for {', '.join(MEASURED)}")
     if args.dry_run:
         p = profile_of(args.rung, profile)
-        todo, seconds = dry_run(args.rung, profile, args.overrides, args.seeds, experiments, args.sweep, args.card)
+        todo, seconds = dry_run(args.rung, profile, args.overrides, args.seeds, experiments, args.sweep, args.card,
+                                args.jobs)
         for job in todo:
             print(job.folder.name)
         config = todo[0].config
@@ -852,8 +896,10 @@ def main(args: argparse.Namespace) -> int:
         if seconds is None:
             print(f"planned time: no throughput measured on {card} for this rung")
         else:
-            print(f"planned on {m.card}: {duration(seconds)} ({seconds / 60:.1f} minutes), from the tokens/s measured "
-                  f"there on {m.date} ({m.setup}) scaled by each run's FLOPs, plus {m.overhead_s:g} s per run")
+            jobs = args.jobs or p.jobs
+            print(f"planned on {m.card}, {jobs} run{'s' if jobs > 1 else ''} at a time: {duration(seconds)} "
+                  f"({seconds / 60:.1f} minutes), from the tokens/s measured there on {m.date} ({m.setup}) scaled "
+                  f"by each run's FLOPs, plus {m.overhead_s:.0f} s per run")
         return 0
     threads = None if gpu else 1  # CPU: one thread per process is fastest here
     results = run(args.rung, profile, args.seeds, args.jobs, args.overrides, args.root, experiments, args.sweep,
