@@ -420,3 +420,23 @@ def test_the_chunked_loss_is_the_whole_loss_and_gradient(base):
     (whole, a), (pieces, b) = grads
     assert pieces == pytest.approx(whole, rel=1e-6)
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(a, b))
+
+
+def test_the_learning_rate_is_a_function_of_the_step():
+    """Warmup then cosine to lr * min_lr_ratio — the curve transformers' get_cosine_with_min_lr_schedule_with_warmup
+    draws — computed from the step alone, so a schedule loaded at a step with another peak rate goes on from there."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from deepen.config import TrainConfig
+    from deepen.loop import Schedule, learning_rate
+
+    t = TrainConfig(steps=50, lr=3e-4, warmup=0.1, min_lr_ratio=0.1)
+    reference = get_cosine_with_min_lr_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=t.lr), 5, 50,
+                                                            min_lr_rate=0.1)
+    for step in range(51):
+        assert learning_rate(t, step) == pytest.approx(reference.get_last_lr()[0], rel=1e-12)
+        reference.step()
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    schedule = Schedule(optimizer, TrainConfig(steps=50, lr=1e-4, warmup=0.1, min_lr_ratio=0.1))
+    schedule.load_state_dict({"last_epoch": 20})  # a checkpoint of a run at lr 3e-4, resumed at 1e-4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate(t, 20) / 3, rel=1e-12)

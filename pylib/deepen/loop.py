@@ -40,20 +40,53 @@ def precision_on(precision: str, device_type: str) -> str:
     return precision
 
 
+def learning_rate(train: TrainConfig, step: int) -> float:
+    """The learning rate after `step` optimizer steps, a pure function of the step: linear warmup over the first
+    `train.warmup` share of the steps, then a cosine from train.lr down to train.lr · min_lr_ratio at the end."""
+    warmup = round(train.warmup * train.steps)
+    if step < warmup:
+        return train.lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, train.steps - warmup)
+    return train.lr * max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) * (1 - train.min_lr_ratio) + train.min_lr_ratio)
+
+
+class Schedule:
+    """Sets the optimizer's learning rate to learning_rate(train, step) — the rate is the step's, computed, never
+    carried from step to step — so a run resumed with another train.lr simply goes on at the new rate. `step()`
+    after each optimizer step; its state is the step alone."""
+
+    def __init__(self, optimizer, train: TrainConfig):
+        self.optimizer, self.train = optimizer, train
+        self.set(0)
+
+    def set(self, step: int) -> None:
+        self.last_epoch = step
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.train, step)
+
+    def step(self) -> None:
+        self.set(self.last_epoch + 1)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set(state["last_epoch"])  # the rate at that step, from this run's train.lr
+
+
 def optimizer_and_schedule(params: list, train: TrainConfig, device_type: str = "cpu"):
     """AdamW over `params` only (frozen parameters get no state), β = (0.9, 0.95), weight decay on matrices only
-    (norms' gains are not decayed), its fused kernel where train.fused_adamw says (auto: on CUDA); linear warmup
-    over the first `train.warmup` share of the steps, then cosine down to lr · min_lr_ratio."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
+    (norms' gains are not decayed), its fused kernel where train.fused_adamw says (auto: on CUDA); and its
+    `Schedule` (`learning_rate`)."""
     fused = device_type == "cuda" if train.fused_adamw == AUTO else bool(train.fused_adamw)
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=train.lr, betas=(0.9, 0.95), fused=fused or None)
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, round(train.warmup * train.steps), train.steps,
-                                                           min_lr_rate=train.min_lr_ratio)
-    return optimizer, schedule
+    return optimizer, Schedule(optimizer, train)
 
 
 def compile_layers(model) -> None:

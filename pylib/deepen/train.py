@@ -158,15 +158,6 @@ def _config_diff(a: dict, b: dict, where: str = "") -> dict[str, tuple]:
     return diff
 
 
-def _set_lr(optimizer, schedule, lr: float) -> None:
-    """A resumed run's new peak learning rate: the schedule goes on from its step, scaled to `lr`."""
-    schedule.base_lrs = [lr for _ in optimizer.param_groups]
-    for group, fn in zip(optimizer.param_groups, schedule.lr_lambdas):
-        group["initial_lr"] = lr
-        group["lr"] = lr * fn(schedule.last_epoch)
-    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
 def train(config: RunConfig, *, progress: bool = True, callback=None, allow_change=(), restart: bool = False) -> Path:
     """Train as `config` says; returns the final model folder (out/model).
 
@@ -336,8 +327,6 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
     start = resumed["step"] if resumed else 0
     if resumed:
         source.restore(*resumed["local"])  # where this process's data streams stood
-    if "train.lr" in changes and resumed:
-        _set_lr(optimizer, schedule, t.lr)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
