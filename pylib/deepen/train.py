@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,16 +26,13 @@ import yaml
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from deepen.batches import heldout_blocks, streams, training_batches
-from deepen.config import AUTO, RECIPES, RunConfig, batch_layout, check, from_dict, recipe, stage_span
+from deepen.config import AUTO, RECIPES, RunConfig, batch_layout, check, from_dict, recipe
 from deepen.data import revisions, tiny_tokenizer
 from deepen.grow import BranchMasks, grow, preserves_function
-from deepen.instruct import ExampleBatches, encoded, load_examples, pad_id
-from deepen.loop import (NonFiniteLoss, block_losses, compile_layers, next_token_loss, optimizer_and_schedule,
-                         precision_on, train_step)
+from deepen.loop import NonFiniteLoss, compile_layers, optimizer_and_schedule, precision_on, train_step
 from deepen.manifest import FolderBusy, Manifest, atomic_folder, one_writer
 from deepen.models import resolve
-from deepen.objectives import DPO, InstructionTuning, answer_accuracy, preference_scores, reference_logps, response_losses
+from deepen.objectives import objective
 from deepen.rundir import CHECKPOINTS, CONFIG, EVALUATIONS, FINAL, METRICS, Checkpointer, MetricsLog
 from deepen.trainable import hold_frozen_in_bf16, select_trainable, trained_layers, widened_to_fp32
 
@@ -269,21 +265,8 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as e:
             raise ValueError(f"model={config.model!r}: {e}") from None
-    n_eval = t.eval_batches * t.global_batch  # the same held-out blocks whatever the micro-batch
-    general = _data("general", d, lambda corpus: heldout_blocks(corpus, tokenizer, d.seq_len, n_eval,
-                                                               text_column=d.text_column, streaming=streams(d, corpus)))
-    if config.objective == "lm":
-        source = _data("domain", d, lambda corpus: training_batches(d, t, tokenizer, say, accelerator.process_index,
-                                                                    accelerator.num_processes))
-        domain = general if d.domain == d.general else _data(
-            "domain", d, lambda corpus: heldout_blocks(corpus, tokenizer, d.seq_len, n_eval, text_column=d.text_column,
-                                                       streaming=streams(d, corpus)))
-        heldout = Heldout(general, domain, "lm")
-    else:
-        source, heldout = _data("domain", d, lambda corpus: _examples(config, tokenizer, general))
-    pad = pad_id(tokenizer)
-    objective = {"lm": None, "sft": InstructionTuning(pad, accelerator.device),
-                 "dpo": DPO(config.dpo.beta, pad, accelerator.device)}[config.objective]
+    task = objective(config, tokenizer, accelerator.device)  # what the run learns: its data, loss and evaluation
+    source, heldout = task.data(say, accelerator.process_index, accelerator.num_processes)
 
     # --- the model, and what learns (before prepare: FSDP and ZeRO need requires_grad set)
     base = None  # the base's held-out block losses, for forgetting against the base; None: step 0's (the same)
@@ -291,14 +274,13 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
     def score_base(model, plan):
         nonlocal base
         if not preserves_function(plan, config.grow.init):
-            base = _base_losses(lambda: model, heldout, micro, accelerator, tokenizer, config)
+            base = _base_losses(lambda: model, task, heldout, micro, accelerator)
 
     set_seed(t.seed)
     model, manifest = build_model(config, path, score_base)
     if config.grow is None and manifest is not None and manifest.trained is None \
             and not manifest.plan.function_preserving:  # grown on disk by a plan that changed the function
-        base = _base_losses(lambda: _load_base(manifest.base, progress), heldout, micro, accelerator, tokenizer, config,
-                            say)
+        base = _base_losses(lambda: _load_base(manifest.base, progress), task, heldout, micro, accelerator, say)
     masks = BranchMasks(model, manifest.new_layers) if config.grow and config.grow.init == "masked" else None
     ramp = max(1, round(config.grow.mask_ramp * t.steps)) if masks else 1  # steps until the mask is 1
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,9 +301,7 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
         raise ValueError("method lora under FSDP is not supported (the adapters would be merged into sharded weights); "
                          "train LoRA with data parallelism (configs/accelerate/one-gpu.yaml, or torchrun)")
     model, optimizer = accelerator.prepare(model, optimizer)
-    if config.objective == "dpo":  # the reference: this model as it starts, before it learns (before a resume)
-        source.rows = reference_logps(model, source.rows, pad, accelerator.device, micro)
-        heldout.pairs = reference_logps(model, heldout.pairs, pad, accelerator.device, micro)
+    task.prepare(model, source, heldout, micro)  # DPO: the reference, this model before it learns (before a resume)
     checkpoints = Checkpointer(out / CHECKPOINTS, accelerator, model, optimizer, schedule)
     resumed = checkpoints.load()
     start = resumed["step"] if resumed else 0
@@ -334,7 +314,7 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
     log_losses = MetricsLog(out, start, accelerator.is_main_process, EVALUATIONS)  # per block: for intervals
     accelerator.wait_for_everyone()
     if start == 0:
-        losses, scores = _evaluate(model, heldout, micro, accelerator, tokenizer, config)
+        losses, scores = _evaluate(model, task, heldout, micro, accelerator)
         base = losses if base is None else base
         pinned = {k: v for key in ("domain", "general") for k, v in revisions(getattr(d, key)).items()}
         log({"step": 0, "tokens": 0, **_ppl(losses), **scores, **_ppl(base, "base_"),
@@ -353,19 +333,19 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
         began = time.perf_counter()
         ids, step_tokens = next(stream)  # (per_process, seq) token ids, or example rows; the global batch's tokens
         tokens += step_tokens
-        ids = ids.to(accelerator.device) if objective is None else ids
+        ids = task.batch(ids)
         lr = schedule.get_last_lr()[0]
         if masks:
             masks.set(step / ramp)
         try:
             loss = train_step(model, ids, optimizer, schedule, clip=t.clip, micro_batch=micro, accelerator=accelerator,
-                              loss=objective.loss if objective else next_token_loss(t.loss_chunk))
+                              loss=task.loss)
         except NonFiniteLoss as e:
             raise FloatingPointError(_nan_advice(e, step, checkpoints.last(), t, precision)) from None
         record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens,
                   "tokens_per_s": step_tokens / (time.perf_counter() - began), **source.position()}
         if step % t.eval_every == 0 or step == t.steps:
-            losses, scores = _evaluate(model, heldout, micro, accelerator, tokenizer, config)  # back to training mode
+            losses, scores = _evaluate(model, task, heldout, micro, accelerator)  # back to training mode
             record.update({**_ppl(losses), **scores})
             log_losses({"step": step, **_listed(losses)})
         log(record)
@@ -379,73 +359,11 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
     return out / FINAL
 
 
-def _data(key: str, d, read):
-    """What read(corpus) reads from data.<key>; an error names the key (and the part, in the error itself)."""
-    corpus = getattr(d, key)
-    try:
-        return read(corpus)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
-        shown = corpus if isinstance(corpus, str) else ",".join(f"{p.name}:{p.weight:g}" for p in corpus)
-        kind = type(e) if type(e) in (FileNotFoundError, RuntimeError, ValueError) else ValueError
-        raise kind(f"data.{key}={shown!r}: {e}") from None
-
-
-@dataclass
-class Heldout:
-    """What a run is scored on: general text (forgetting: packed blocks) and its domain (gain: packed blocks for
-    lm; held-out instruction examples, or the chosen responses of held-out pairs, for sft and dpo)."""
-
-    general: torch.Tensor
-    domain: torch.Tensor | list
-    objective: str
-    examples: list = field(default_factory=list)  # sft: held-out questions with an answer, for exact match
-    pairs: list = field(default_factory=list)  # dpo: held-out pairs, with the reference's log-probabilities
-
-
-def _examples(config: RunConfig, tokenizer, general: torch.Tensor) -> tuple[ExampleBatches, Heldout]:
-    """The training batches and held-out set of an sft or dpo run (a chunk of the pairs per sDPO stage)."""
-    d, t = config.data, config.train
-    kind = "instructions" if config.objective == "sft" else "pairs"
-    examples = load_examples(d.domain, kind, "train")
-    if config.dpo.stages > 1:
-        if len(examples) < config.dpo.stages:
-            raise ValueError(f"{len(examples)} preference pairs in {d.domain!r} cannot be split over "
-                             f"{config.dpo.stages} sDPO stages")
-        begin, end = stage_span(len(examples), config.dpo.stages, config.dpo.stage)
-        examples = examples[begin:end]
-    examples = examples[:d.max_examples or t.steps * t.global_batch]
-    rows = encoded(tokenizer, examples, d.template, d.seq_len, kind)
-    held = load_examples(d.domain, kind, "heldout")[:t.eval_batches * t.global_batch]
-    held_rows = encoded(tokenizer, held, d.template, d.seq_len, kind)
-    source = ExampleBatches(rows, t.global_batch, t.steps, t.seed, pairs=kind == "pairs")
-    if kind == "instructions":
-        answered = [e for e in held if e.answer is not None][:ANSWERED]
-        return source, Heldout(general, held_rows, "sft", examples=answered)
-    return source, Heldout(general, [pair[0] for pair in held_rows], "dpo", pairs=held_rows)
-
-
-ANSWERED = 64  # held-out questions answered by greedy generation for exact-match accuracy (sft)
-
-
-def _evaluate(model, heldout: Heldout, batch_size: int, accelerator, tokenizer,
-              config: RunConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """({"general": (n,), "domain": (m,)} per-block (or per-example) held-out losses, {other scores}): for sft the
-    exact-match accuracy of greedy answers, for dpo the preference accuracy and reward margin."""
-    pad = pad_id(tokenizer)
-    scores = {}
+def _evaluate(model, task, heldout, batch_size: int, accelerator) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """({"general": (n,), "domain": (m,)} per-block (or per-example) held-out losses, {other scores}): the
+    objective's evaluation, under the run's autocast; the model back in training mode after."""
     with accelerator.autocast():
-        losses = {"general": block_losses(model, heldout.general, batch_size)}
-        if heldout.objective == "lm":
-            losses["domain"] = losses["general"] if heldout.domain is heldout.general else \
-                block_losses(model, heldout.domain, batch_size)
-        else:
-            losses["domain"] = response_losses(model, heldout.domain, pad, accelerator.device, batch_size)
-        if heldout.examples:
-            scores["accuracy"] = answer_accuracy(model, tokenizer, heldout.examples, config.data.template,
-                                                 accelerator.device, batch_size=batch_size)
-        if heldout.pairs and len(heldout.pairs[0]) == 4:  # with reference log-probabilities
-            scores.update(preference_scores(model, heldout.pairs, config.dpo.beta, pad, accelerator.device, batch_size))
-    return losses, scores
+        return task.evaluate(model, heldout, batch_size)
 
 
 def _ppl(losses: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
@@ -456,8 +374,7 @@ def _listed(losses: dict[str, torch.Tensor], prefix: str = "") -> dict[str, list
     return {f"{prefix}{key}": value.tolist() for key, value in losses.items()}
 
 
-def _base_losses(load, heldout: Heldout, batch_size: int, accelerator, tokenizer, config: RunConfig,
-                 say=print) -> dict | None:
+def _base_losses(load, task, heldout, batch_size: int, accelerator, say=print) -> dict | None:
     """The held-out block losses of the model load() gives (the base, not yet prepared), scored on the main
     process's device (the others wait); {} when the base cannot be loaded (then nothing is recorded for it)."""
     losses = {}
@@ -468,7 +385,7 @@ def _base_losses(load, heldout: Heldout, batch_size: int, accelerator, tokenizer
             say(f"the base could not be loaded to measure it ({e}); forgetting and gain will be against step 0")
         else:
             where = next(model.parameters()).device
-            losses = _evaluate(model.to(accelerator.device), heldout, batch_size, accelerator, tokenizer, config)[0]
+            losses = _evaluate(model.to(accelerator.device), task, heldout, batch_size, accelerator)[0]
             model.to(where)
     accelerator.wait_for_everyone()
     return losses
