@@ -90,7 +90,7 @@ def test_the_short_gpu_profile_fits_ten_minutes_of_an_h200_and_dry_run_says_so(c
 
     assert main(["reproduce", "--rung", "smol", "--profile", "gpu", "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert f"planned on one NVIDIA H200: " in printed and f"({seconds / 60:.1f} minutes)" in printed
+    assert "planned on one NVIDIA H200, 1 run at a time: " in printed and f"({seconds / 60:.1f} minutes)" in printed
     assert "measured there on 2026-12-04" in printed
 
 

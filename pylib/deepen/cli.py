@@ -29,24 +29,15 @@ from deepen.verify import verify
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
+    """--method and every plan argument, from the plan registry (deepen.plan.PLANS)."""
     parser.add_argument("--method", required=True, choices=plans.PLAN_METHODS,
-                        help="llama-pro: zero-initialised copies (function-preserving); dus: SOLAR depth up-scaling; "
-                             "idus: interleaved DUS; stack: plain repetition; custom: a layer map (--map)")
-    parser.add_argument("--groups", type=int, help="llama-pro: number of equal groups; one or more copies after each")
-    parser.add_argument("--copies", type=int, default=1, help="llama-pro: copies of each group's top blocks (default 1)")
-    parser.add_argument("--placement", default="interleave", choices=plans.PLACEMENTS,
-                        help="llama-pro: new blocks after each group (interleave, the paper), or all at the top or bottom")
-    parser.add_argument("--drop", type=int, help="dus/idus: m, layers dropped from each copy (SOLAR: 8 of 32)")
-    parser.add_argument("--group", type=int, default=8, help="idus: length of the interleaved runs (default 8)")
-    parser.add_argument("--times", type=int, default=2, help="stack: how many times to repeat the layers (default 2)")
-    parser.add_argument("--map", help="custom: a layer map such as '0-3,3z,4-7,7z' (z = zero o_proj/down_proj)")
-
-
-PLAN_KEYS = ("groups", "copies", "placement", "drop", "group", "times", "map")
+                        help="; ".join(f"{name}: {b.help}" for name, b in plans.PLANS.items()))
+    for arg in plans.PLAN_ARGS:
+        parser.add_argument(f"--{arg.name}", type=arg.type, default=arg.default, choices=arg.choices, help=arg.help)
 
 
 def plan_from_args(args: argparse.Namespace, n_layers: int) -> plans.Plan:
-    return plans.build(args.method, n_layers, **{k: getattr(args, k) for k in PLAN_KEYS})
+    return plans.build(args.method, n_layers, **{a.name: getattr(args, a.name) for a in plans.PLAN_ARGS})
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -40,23 +40,22 @@ PRECISIONS = ("fp32", "bf16", "auto")
 AUTO = "auto"
 
 
-@dataclass
-class GrowConfig:
-    method: str = "llama-pro"  # a plan builder: llama-pro | dus | idus | stack | custom
-    groups: int | None = None
-    copies: int = 1
-    placement: str = "interleave"
-    drop: int | None = None
-    group: int = 8
-    times: int = 2
-    map: str | None = None
-    init: str = "plan"  # how the new layers start (deepen.grow.INITS): plan | copy | random | zeros | masked
-    mask_ramp: float = 0.1  # init masked: share of the steps over which the branch mask ramps from 0 to 1
+def _plan(self, n_layers: int) -> plans.Plan:
+    """This plan for a base of `n_layers` layers."""
+    return plans.build(self.method, n_layers, **{a.name: getattr(self, a.name) for a in plans.PLAN_ARGS})
 
-    def plan(self, n_layers: int) -> plans.Plan:
-        """This plan for a base of `n_layers` layers."""
-        args = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("method", "init", "mask_ramp")}
-        return plans.build(self.method, n_layers, **args)
+
+# `grow:` — a plan builder (deepen.plan.PLANS: llama-pro | dus | idus | stack | custom) and its arguments, each
+# field made from the plan registry's declaration (deepen.plan.PLAN_ARGS: add a plan argument there), then how the
+# new layers start: init (deepen.grow.INITS: plan | copy | random | zeros | masked) and, for masked, the share of
+# the steps over which the branch mask ramps from 0 to 1.
+GrowConfig = dataclasses.make_dataclass(
+    "GrowConfig",
+    [("method", str, field(default="llama-pro")),
+     *[(a.name, a.type | None if a.default is None else a.type, field(default=a.default)) for a in plans.PLAN_ARGS],
+     ("init", str, field(default="plan")), ("mask_ramp", float, field(default=0.1))],
+    namespace={"plan": _plan, "__doc__": "A run's `grow:` section: the plan and how its new layers start.",
+               "__module__": __name__})
 
 
 @dataclass

@@ -196,25 +196,62 @@ def custom(spec: str | list, n_base: int | None = None) -> Plan:
     return Plan(n, _mark_new(n, sources, zero), "custom", {"spec": spec if isinstance(spec, str) else sources})
 
 
-PLAN_METHODS = ("llama-pro", "dus", "idus", "stack", "custom")
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a plan builder, declared once: the config's `grow.<name>`, the CLI's `--<name>` and the plan
+    explorer's control are made from it."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    required: bool = False  # the builder cannot do without it (then default is None)
+    choices: tuple | None = None
 
 
-def build(method: str, n_layers: int, groups: int | None = None, copies: int = 1, placement: str = "interleave",
-          drop: int | None = None, group: int = 8, times: int = 2, map: str | None = None) -> Plan:
-    """Any plan by name, with the arguments each method reads (the CLI's and the config's `grow:` keys)."""
-    need = {"llama-pro": ["groups"], "dus": ["drop"], "idus": ["drop"], "custom": ["map"]}
-    if method not in PLAN_METHODS:
+@dataclass(frozen=True)
+class Builder:
+    """A plan builder and the arguments it reads (beyond the base's layer count)."""
+
+    build: object  # (n_layers, **args) -> Plan
+    args: tuple[Arg, ...]
+    help: str
+
+
+GROUPS = Arg("groups", int, None, "llama-pro: number of equal groups; copies of each group's top blocks after it",
+             required=True)
+COPIES = Arg("copies", int, 1, "llama-pro: copies of each group's top blocks (default 1)")
+PLACEMENT = Arg("placement", str, "interleave", "llama-pro: new blocks after each group (interleave, the paper), or "
+                "all at the top or bottom", choices=PLACEMENTS)
+DROP = Arg("drop", int, None, "dus/idus: m, layers dropped from each copy (SOLAR: 8 of 32)", required=True)
+GROUP = Arg("group", int, 8, "idus: length of the interleaved runs (default 8)")
+TIMES = Arg("times", int, 2, "stack: how many times to repeat the layers (default 2)")
+MAP = Arg("map", str, None, "custom: a layer map such as '0-3,3z,4-7,7z' (z = zero o_proj/down_proj)", required=True)
+
+# The one registry of plans: name -> builder and its arguments.
+PLANS = {
+    "llama-pro": Builder(llama_pro, (GROUPS, COPIES, PLACEMENT), "zero-initialised copies (function-preserving)"),
+    "dus": Builder(dus, (DROP,), "SOLAR depth up-scaling"),
+    "idus": Builder(idus, (DROP, GROUP), "interleaved DUS"),
+    "stack": Builder(stack, (TIMES,), "plain repetition"),
+    "custom": Builder(lambda n_layers, map: custom(map, n_base=n_layers), (MAP,), "a layer map by hand"),
+}
+PLAN_METHODS = tuple(PLANS)
+PLAN_ARGS = tuple({a.name: a for builder in PLANS.values() for a in builder.args}.values())  # each name once
+
+
+def build(method: str, n_layers: int, **args) -> Plan:
+    """Any plan by name (PLANS), given the arguments its builder reads; the others may be passed and are ignored
+    (a config's `grow:` section holds every argument)."""
+    if method not in PLANS:
         raise ValueError(f"method={method!r} is not one of {', '.join(PLAN_METHODS)}")
-    given = {"groups": groups, "drop": drop, "map": map}
-    missing = [k for k in need.get(method, []) if given[k] is None]
+    builder = PLANS[method]
+    unknown = set(args) - {a.name for a in PLAN_ARGS}
+    if unknown:
+        raise ValueError(f"unknown plan argument(s) {', '.join(sorted(unknown))}; plans take "
+                         f"{', '.join(a.name for a in PLAN_ARGS)}")
+    missing = [a.name for a in builder.args if a.required and args.get(a.name) is None]
     if missing:
         raise ValueError(f"method {method} needs {' and '.join(missing)}")
-    if method == "llama-pro":
-        return llama_pro(n_layers, groups, copies, placement)
-    if method == "dus":
-        return dus(n_layers, drop)
-    if method == "idus":
-        return idus(n_layers, drop, group)
-    if method == "stack":
-        return stack(n_layers, times)
-    return custom(map, n_base=n_layers)
+    return builder.build(n_layers, **{a.name: args[a.name] if args.get(a.name) is not None else a.default
+                                      for a in builder.args})

@@ -34,13 +34,12 @@ from deepen import REPO, llama
 from deepen import budget as B
 from deepen.config import DataConfig, GrowConfig, RunConfig, TrainConfig
 from deepen.llama import PRESETS
-from deepen.plan import PLACEMENTS, PLAN_METHODS, Plan, build
+from deepen.plan import PLACEMENTS, PLAN_METHODS, PLANS, Plan, build
 from deepen.runs import find_runs
 from deepen.train import model_folder, tiny_base
 
 STYLE = {"description_width": "90px"}
-USES = {"llama-pro": ("groups", "copies", "placement"), "dus": ("drop",), "idus": ("drop", "group"),
-        "stack": ("times",), "custom": ("map",)}  # the arguments of deepen.plan.build each method reads
+USES = {name: tuple(a.name for a in builder.args) for name, builder in PLANS.items()}  # what each plan reads
 
 
 class Explorer(widgets.VBox):
