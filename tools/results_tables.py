@@ -95,7 +95,22 @@ def tiny() -> str:
     return "\n".join(lines)
 
 
+def notebook_minutes() -> str:
+    """How long each notebook took when `make notebooks` last executed it (its stamp), and in which profile."""
+    import json
+
+    cells = []
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        stamp = json.loads(path.read_text())["metadata"].get("deepen")
+        cells.append(f"`{path.stem[:2]}` {stamp['minutes']:g} min" if stamp else f"`{path.stem[:2]}` not stamped")
+    profiles = {json.loads(p.read_text())["metadata"].get("deepen", {}).get("profile")
+                for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    return (f"Run time of each notebook in the `{'/'.join(sorted(p for p in profiles if p))}` profile, as `make "
+            f"notebooks` last measured it on 2 CPU cores (with the runs they read already there): " + ", ".join(cells) + ".")
+
+
 TABLES = {
+    "notebook-minutes": notebook_minutes,
     "smol-gpu": lambda: methods("smol_gpu"), "smol-gpu-frontier": lambda: frontier("smol_gpu"),
     "smol-gpu-claims": lambda: claims("smol_gpu"), "smol-cpu": lambda: methods("smol"),
     "smol-cpu-pairs": lambda: paired("smol"), "tiny": tiny, "tiny-claims": lambda: claims("tiny"),
