@@ -444,6 +444,20 @@ def test_a_lock_whose_holder_was_killed_is_taken_over(tmp_path):
     assert len(said) == 1
 
 
+class Killed(Exception):
+    pass
+
+
+def killed_at_5(args: list[str]) -> None:
+    """Train the run and stop it as if killed after step 5 (its checkpoints at steps 2 and 4 kept)."""
+    def kill(record, model):
+        if record["step"] == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(load_config(None, args), progress=False, callback=kill)
+
+
 def damage_file(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":
@@ -463,16 +477,7 @@ def test_a_damaged_last_checkpoint_resumes_from_the_one_before(small_llama_path,
     train(load_config(None, args), progress=False)
     cut = tmp_path / "cut"
     args = run_args(small_llama_path, cut, "train.steps=6", "train.save_every=2")
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(record, model):
-        if record["step"] == 5:
-            raise Killed
-
-    with pytest.raises(Killed):  # as if killed after step 5: checkpoints at steps 2 and 4 are kept
-        train(load_config(None, args), progress=False, callback=kill_at_5)
+    killed_at_5(args)
     assert sorted(p.name for p in (cut / CHECKPOINTS).iterdir()) == ["step-0000002", "step-0000004"]
     damage_file(cut / CHECKPOINTS / "step-0000004" / "rank-00000.safetensors", how)
     capsys.readouterr()
@@ -485,16 +490,7 @@ def test_a_damaged_last_checkpoint_resumes_from_the_one_before(small_llama_path,
 def test_no_usable_checkpoint_is_one_line_and_restart_starts_over(small_llama_path, tmp_path, capsys):
     out = tmp_path / "run"
     args = run_args(small_llama_path, out, "train.steps=6", "train.save_every=2")
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(record, model):
-        if record["step"] == 5:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(load_config(None, args), progress=False, callback=kill_at_5)
+    killed_at_5(args)
     for step in ("step-0000002", "step-0000004"):
         damage_file(out / CHECKPOINTS / step / "rank-00000.safetensors", "truncated")
     command = ["train", "--config", str(REPO / "configs" / "tiny-cpu.yaml"), *args]
