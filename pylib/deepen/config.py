@@ -149,9 +149,11 @@ class RunConfig:
 
     def key(self) -> str:
         """A short hash naming this run (cache entries, run folders): its fields minus `out`, and minus those at
-        their defaults, so that a field added to the schema later (at a default that changes nothing) keeps every
-        key it had."""
-        changed = _changed(self.to_dict(), RunConfig().to_dict())
+        their defaults — a section that is there (`grow:`, `architecture:`) against its own defaults — so that a
+        field added to the schema later, at a default that changes nothing, keeps every key it had."""
+        defaults = {**RunConfig().to_dict(), "grow": dataclasses.asdict(GrowConfig()),
+                    "architecture": dataclasses.asdict(Architecture())}
+        changed = _changed(self.to_dict(), defaults, present=("grow", "architecture"))
         changed.pop("out", None)
         return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -310,13 +312,14 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _changed(data: dict, defaults: dict) -> dict:
-    """The entries of `data` that differ from `defaults`, nested sections compared key by key."""
+def _changed(data: dict, defaults: dict, present: tuple[str, ...] = ()) -> dict:
+    """The entries of `data` that differ from `defaults`, nested sections compared key by key; a section named in
+    `present` is kept (its changes, maybe none) whenever it is there, so that it differs from its absence."""
     out = {}
     for k, v in data.items():
         if isinstance(v, dict) and isinstance(defaults.get(k), dict):
             sub = _changed(v, defaults[k])
-            if sub:
+            if sub or k in present:
                 out[k] = sub
         elif k not in defaults or v != defaults[k]:
             out[k] = v

@@ -6,7 +6,8 @@ measures start from what the base itself does:
 
 - **KL on the base's own samples** (`kl_text`, `kl_chat`): the base writes continuations of held-out general prompts
   (and, for a chat model, answers to general questions through its chat template), sampled once at temperature 1
-  with no truncation and cached. A model's score is its cross-entropy on them minus the base's, per token:
+  with no truncation, each ending where the base ends it (its end-of-text token, scored too) or after a fixed
+  number of tokens, and cached. A model's score is its cross-entropy on them minus the base's, per token:
 
       E_{y ~ base} [log p_base(y) - log p_model(y)] / |y|  =  KL(base || model) per token on the base's text
 
@@ -108,14 +109,14 @@ def _left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 def continue_rows(model, rows: list[list[int]], new_tokens: int, *, sample: bool, eos: int | None, pad: int,
                   seed: int = 0, batch_size: int = 64) -> list[list[int]]:
     """Each prompt row followed by the model's continuation: sampled at temperature 1 with no truncation (top-k,
-    top-p and every other warper off: the model's own distribution), or greedy; up to `new_tokens` tokens, ending
-    at `eos` (kept) when eos is given, else exactly `new_tokens`."""
+    top-p and every other warper off: the model's own distribution, its end-of-text included), or greedy; up to
+    `new_tokens` tokens, ending at `eos` (kept). (eos None: a model without one; transformers would otherwise take
+    the model's own and might forbid it, which samples another distribution.)"""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                              min_new_tokens=None if eos is not None else new_tokens, pad_token_id=pad,
-                              eos_token_id=eos, bos_token_id=None)
+                              pad_token_id=pad, eos_token_id=eos, bos_token_id=None)
     out = []
     with evaluating(model):
         generator_state = torch.random.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda"
@@ -171,11 +172,16 @@ def exact_kl(base, model, blocks: torch.Tensor, batch_size: int = 4) -> torch.Te
     return torch.cat(out)
 
 
-def _cache_key(base_path, general, samples: int, new_tokens: int, seed: int, device: str) -> str:
-    """The probes' cache name: the base's weights (by their file's size and time) and every setting of the draw."""
+SAMPLING = "v2: each sample ends at the base's end-of-text"  # how probes are drawn; a change draws them anew
+
+
+def probes_key(base_path, general, samples: int, new_tokens: int, seed: int, device: str) -> str:
+    """The probes' name (their cache folder, and what a drift.json was scored on): the base's weights (by their
+    files' size and time) and every setting of the draw."""
     path = Path(base_path)
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
-    spec = json.dumps([str(path.resolve()), weights, repr(general), samples, new_tokens, seed, device, PROMPT_TOKENS])
+    spec = json.dumps([str(path.resolve()), weights, repr(general), samples, new_tokens, seed, device, PROMPT_TOKENS,
+                       SAMPLING])
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
@@ -184,16 +190,25 @@ def base_probes(base, tokenizer, base_path, general, samples: int = 64, new_toke
     """The base's behaviour on general prompts — {"text": sampled continuations, "chat": sampled answers, "answers":
     greedy answers} (the last two only for a chat tokenizer with a titled general corpus) — drawn once per base,
     corpus and settings, and cached (safetensors; no pickle) under the deepen cache."""
-    from safetensors.torch import load_file, save_file
+    from filelock import FileLock
+    from safetensors.torch import load_file
 
     device = next(base.parameters()).device.type
-    folder = cache_dir() / "probes" / _cache_key(base_path, general, samples, new_tokens, seed, device)
-    if (folder / "probes.safetensors").is_file():
-        tensors = load_file(folder / "probes.safetensors")
-        return {kind: Probe.from_tensors(kind, tensors) for kind in PROBES if f"{kind}/ids" in tensors}
+    folder = cache_dir() / "probes" / probes_key(base_path, general, samples, new_tokens, seed, device)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".sampling.lock"):  # processes that want the same probes wait for the first
+        if not (folder / "probes.safetensors").is_file():
+            _sample_probes(base, tokenizer, general, samples, new_tokens, seed, folder, progress)
+    tensors = load_file(folder / "probes.safetensors")
+    return {kind: Probe.from_tensors(kind, tensors) for kind in PROBES if f"{kind}/ids" in tensors}
+
+
+def _sample_probes(base, tokenizer, general, samples: int, new_tokens: int, seed: int, folder: Path, progress) -> None:
+    from safetensors.torch import save_file
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     progress(f"sampling the base's behaviour on {samples} general prompts (once; cached in {folder})")
-    made = {"text": (prompts(general, tokenizer, samples), True, None)}
+    made = {"text": (prompts(general, tokenizer, samples), True, tokenizer.eos_token_id)}
     asked = questions(general, tokenizer, samples)
     if asked:
         made["chat"] = (asked, True, tokenizer.eos_token_id)
@@ -213,7 +228,6 @@ def base_probes(base, tokenizer, base_path, general, samples: int = 64, new_toke
     with atomic_folder(folder, overwrite=True) as tmp:
         save_file({k: v.contiguous() for p in probes.values() for k, v in p.tensors().items()},
                   tmp / "probes.safetensors")
-    return probes
 
 
 def drift(base, model, probes: dict[str, Probe], heldout: torch.Tensor | None, batch_size: int = 16) -> dict:
@@ -243,18 +257,21 @@ def load_drift(folder: str | Path) -> dict | None:
 def measure(folder: str | Path, base, base_path, tokenizer, general, heldout: torch.Tensor | None, *,
             samples: int = 64, new_tokens: int = 128, batch_size: int = 16, progress=print) -> dict:
     """Score the finished run in `folder` (its model/) against `base` (already loaded, on its device) and write
-    folder/drift.json (atomically); a folder that has one is read, not scored again. Returns its content."""
+    folder/drift.json (atomically); a folder whose drift.json was scored on these probes is read, not scored again
+    (one scored on other probes — another draw, device or way of sampling — is scored anew, so that runs compared
+    item by item were scored on the same items). Returns its content."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
+    device = next(base.parameters()).device
+    key = probes_key(base_path, general, samples, new_tokens, 0, device.type)
     done = load_drift(folder)
-    if done is not None:
+    if done is not None and done.get("probes") == key:
         return done
     probes = base_probes(base, tokenizer, base_path, general, samples, new_tokens, progress=progress)
-    device = next(base.parameters()).device
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32).to(device)
-    record = {"base": str(base_path), "general": repr(general), "samples": samples, "new_tokens": new_tokens,
-              "measures": drift(base, model, probes, heldout, batch_size)}
+    record = {"base": Path(base_path).name, "general": repr(general), "samples": samples, "new_tokens": new_tokens,
+              "probes": key, "measures": drift(base, model, probes, heldout, batch_size)}
     del model
     tmp = folder / (DRIFT + ".partial")
     tmp.write_text(json.dumps(record))

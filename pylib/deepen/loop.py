@@ -27,7 +27,7 @@ def native_bf16(device_type: str) -> bool:
     """Whether the device computes bf16 natively: CUDA with bf16 support, or a CPU with AVX-512 bf16 or AMX (where
     bf16 is emulated, on AVX2, it is several times slower than fp32)."""
     if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 

@@ -43,7 +43,8 @@ def read(key: str, data, load):
         return load(corpus)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         shown = corpus if isinstance(corpus, str) else ",".join(f"{p.name}:{p.weight:g}" for p in corpus)
-        raise type(e)(f"data.{key}={shown!r}: {e}") from None
+        kind = type(e) if type(e) in (FileNotFoundError, RuntimeError, ValueError) else ValueError  # a subclass may
+        raise kind(f"data.{key}={shown!r}: {e}") from None  # need more than a message to be made again
 
 
 def general_blocks(config: RunConfig, tokenizer) -> torch.Tensor:

@@ -87,7 +87,7 @@ class Profile:
 SHORT_RATES = {"llama-pro": (2e-4, 6e-4), "blocks": (2e-4, 6e-4), "lora": (2e-4, 6e-4), "full": (5e-5, 2e-4),
                "grown-full": (5e-5, 2e-4)}
 PROFILES = {
-    ("tiny", "cpu"): Profile("configs/tiny-cpu.yaml", EXPERIMENTS, 2, "cpu",
+    ("tiny", "cpu"): Profile("configs/tiny-cpu.yaml", EXPERIMENTS, 2, "tiny-cpu",
                              "the papers' six comparisons on a 2M-parameter model of Shakespeare: forgetting shows "
                              "(it is not repaired by training), but it is not a pretrained LLM"),
     ("smol", "cpu"): Profile("configs/smol-cpu.yaml", ("methods",), 1, "cpu",
@@ -392,8 +392,8 @@ def run(rung: str = "tiny", profile: str = "cpu", seeds: int | None = None, jobs
         _train_all(first, jobs, threads, bar)
     part = "test" if rates else "all"
     chosen = {}
-    if rates and later:  # the controls at the rate chosen for the methods variant each controls
-        results = pd.DataFrame([_row(job, part) for job in first])
+    if rates and later and any(j.entry.experiment == "methods" for j in first):  # the controls at the rate chosen
+        results = pd.DataFrame([_row(job, part) for job in first])  # for the methods variant each controls
         chosen = {variant: lr for (experiment, variant), lr in chosen_rates(results).items() if experiment == "methods"}
         later = _at_chosen_rates(later, chosen, seeds, root, base)
     if train_runs:
@@ -885,8 +885,12 @@ def main(args: argparse.Namespace) -> int:
         p = profile_of(args.rung, profile)
         todo, seconds = dry_run(args.rung, profile, args.overrides, args.seeds, experiments, args.sweep, args.card,
                                 args.jobs)
+        swept = bool(parse_sweep(args.sweep) if args.sweep is not None else p.rates)
         for job in todo:
-            print(job.folder.name)
+            if job.entry.controls is not None and swept:  # its rate (and so its folder's key) is chosen later
+                print(f"{job.entry.run.name}-s{job.seed}: at the rate chosen for {job.entry.controls}")
+            else:
+                print(job.folder.name)
         config = todo[0].config
         t = config.train
         card = args.card or p.card

@@ -256,7 +256,12 @@ class Checkpointer:
                              f"run over with --restart (in Python: train(config, restart=True)), or remove "
                              f"{self.folder.parent}")
         if problems and self.accelerator.is_main_process:
-            print(f"resuming from {Path(chosen).name}: the newer checkpoint is damaged ({problems[0]})", flush=True)
+            print(f"resuming from {Path(chosen).name}: the newer checkpoint is damaged ({problems[0]}); it is removed",
+                  flush=True)
+            for damaged in self.saved()[self.saved().index(Path(chosen)) + 1:]:
+                shutil.rmtree(damaged)  # so that the two kept are whole ones, and none is named as good
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
         return None if chosen is None else Path(chosen)
 
     def _restore_rest(self, state: dict, tensors: dict, meta: dict) -> dict:

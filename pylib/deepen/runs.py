@@ -218,10 +218,15 @@ class RunResult:
                 f"{self.last['ppl_domain']:.2f} (gain /{self.gain:.2f}), against {against}")
 
 
-def find_runs(root: str | os.PathLike) -> list[RunResult]:
-    """Every run folder under `root` (root itself included), in path order; folders with no records skipped."""
-    root = Path(root)
-    runs = [RunResult.read(path.parent) for path in sorted(root.rglob(METRICS))]
+def find_runs(root: str | os.PathLike, say=print) -> list[RunResult]:
+    """Every run folder under `root` (root itself included), in path order; folders with no records skipped, and
+    folders that cannot be read (no config.yaml, or one this version cannot read) skipped with a line each."""
+    runs = []
+    for path in sorted(Path(root).rglob(METRICS)):
+        try:
+            runs.append(RunResult.read(path.parent))
+        except (FileNotFoundError, ValueError) as e:
+            say(f"skipped {path.parent}: {e}")
     return [run for run in runs if run.evaluated]
 
 

@@ -211,8 +211,8 @@ def _one_writer_per_run(out: Path, state):
         holder = one_writer(out)
         try:
             holder.__enter__()
-        except FolderBusy as e:
-            holder, error = None, [str(e)]
+        except Exception as e:  # noqa: BLE001 — every process must hear of it, or the others wait forever
+            holder, error = None, [f"{type(e).__name__}: {e}" if not isinstance(e, FolderBusy) else str(e)]
     if state.num_processes > 1:
         broadcast_object_list(error)  # the main process's answer, to every process
     if error[0] is not None:
@@ -248,9 +248,10 @@ def _train(config: RunConfig, *, progress: bool, callback, allow_change) -> Path
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                               gradient_accumulation_steps=accumulation, cpu=cpu)
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-    if t.loss_chunk is not None and sharded:
-        raise ValueError("train.loss_chunk calls the output head on its own, which FSDP and ZeRO-3 keep sharded "
-                         "outside the model's forward; set train.loss_chunk=null for a sharded run")
+    if t.loss_chunk is not None and accelerator.num_processes > 1:
+        raise ValueError("train.loss_chunk calls the decoder and the output head on their own, outside the wrapped "
+                         "model's forward, which DDP, FSDP and ZeRO-3 need (to sync gradients, to gather shards); set "
+                         "train.loss_chunk=null for a run of more than one process")
 
     def say(message: str) -> None:
         if accelerator.is_main_process:
