@@ -416,6 +416,23 @@ MISTAKES.update({
 })
 
 
+def _rope_ignoring_positions(x, positions, theta):
+    """Right but for `positions`: it rotates by 0, 1, 2, ... whatever it is given."""
+    return llama.apply_rope(x, *llama.rope(torch.arange(x.shape[-2]), x.shape[-1], theta))
+
+
+def _freeze_by_substring(model, manifest):
+    """Right but for how it finds a block: `f"layers.{i}"` in the name also matches layers.1x for i = 1."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(f"layers.{i}" in name for i in manifest["new_layers"]))
+
+
+MISTAKES.update({
+    "rope ignoring positions": ("rope", _rope_ignoring_positions, {}, "`positions` ignored"),
+    "freeze matching a prefix": ("freeze", _freeze_by_substring, {}, "as a substring also catches layers.1"),
+})
+
+
 def _slerp_always(a, b, t):
     cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).item()
     theta = math.acos(min(1.0, cos))
@@ -656,7 +673,10 @@ def test_the_handout_holds_the_labs_without_solutions(tmp_path, capsys):
     out = tmp_path / "handout"
     assert sorted(p.name for p in out.glob("*.ipynb")) == sorted(p.name for p in LABS)
     readme = (out / "README.md").read_text()
-    assert all(f"| {name} | 1 |" in readme for name in CHECKS)  # every exercise, with its points
+    points = {c.metadata[EXERCISE]: c.metadata["points"] for lab in LABS for c in nbformat.read(lab, as_version=4).cells
+              if c.metadata.get(EXERCISE)}
+    assert all(f"| {name} | {points[name]:g} |" in readme for name in CHECKS)  # every exercise, with its points
+    assert points["capstone"] > points["dus_plan"] and len(set(points.values())) >= 3  # points follow difficulty
     solutions = [line for path in SOLUTIONS.glob("*.py") for line in read_solutions(path).values()]
     text = "".join(p.read_text() for p in out.glob("*.ipynb"))
     assert not any(code.strip() in text for code in solutions)  # no solution in what students receive

@@ -262,9 +262,17 @@ def check_rope(apply_rope, layout: str = "halves") -> Result:
 
 
 def _rope(apply_rope, layout: str) -> str:
-    _seeded()
+    errors = [_rope_case(apply_rope, layout, start, case) for start, case in
+              ((0, ""), (5, "positions 5..12, as a KV cache passes them after 5 tokens: "))]
+    reference = ("deepen.llama.apply_rope" if layout == "halves" else
+                 "Meta's layout (deepen.llama.apply_rope on pairs 2i, 2i+1)")
+    return f"equals {reference} (head_dim 16, positions from 0 and from 5; max error {max(errors):.2g})"
+
+
+def _rope_case(apply_rope, layout: str, start: int, case: str) -> float:
+    _seeded(start)
     batch, heads, seq, d, theta = 2, 3, 8, 16, 10000.0
-    x, positions = torch.randn(batch, heads, seq, d), torch.arange(seq)
+    x, positions = torch.randn(batch, heads, seq, d), torch.arange(start, start + seq)
     cos, sin = llama.rope(positions, d, theta)
     halves, interleaved = llama.apply_rope(x, cos, sin), _interleaved_rope(x, positions, theta)
     if layout == "halves":
@@ -286,6 +294,8 @@ def _rope(apply_rope, layout: str) -> str:
             angles = positions[:, None].float() * inv_freq  # (seq, d/2)
             angles = torch.cat((angles, angles), dim=-1)  # (seq, d): the halves layout of deepen.llama.rope
             mistakes[message] = llama.apply_rope(x, angles.cos(), angles.sin())
+        counted = torch.arange(seq)  # what an answer that ignores `positions` uses
+        ignored = llama.apply_rope(x, *llama.rope(counted, d, theta))
     else:
         want = interleaved
         mistakes = {"pairs taken as halves instead of interleaved: you rotate (x[i], x[i + d/2]) — transformers' "
@@ -294,12 +304,13 @@ def _rope(apply_rope, layout: str) -> str:
                         _interleaved_rope(x, positions, theta, sign=-1.0),
                     "positions start at 1: the first token is position 0 (it is not rotated)":
                         _interleaved_rope(x, positions + 1, theta)}
+        ignored = _interleaved_rope(x, torch.arange(seq), theta)
+    if start:
+        mistakes["`positions` ignored: you rotate by 0, 1, 2, ... whatever positions you are given; with a KV cache "
+                 "the new tokens' positions start where the cache ends"] = ignored
     mistakes["x comes back unrotated: each position m must turn pair i by the angle m·θ_i"] = x
     got = _call(apply_rope, x.clone(), positions, theta)
-    error = _compare(got, want, ("batch", "heads", "seq", "head_dim"), mistakes)
-    reference = ("deepen.llama.apply_rope" if layout == "halves" else
-                 "Meta's layout (deepen.llama.apply_rope on pairs 2i, 2i+1)")
-    return f"equals {reference} (head_dim {d}, {seq} positions; max error {error:.2g})"
+    return _compare(got, want, ("batch", "heads", "seq", "head_dim"), mistakes, case)
 
 
 def _attention_by_hand(attn: llama.Attention, x, cos, sin, n_heads: int, n_kv_heads: int, *, repeat: str = "interleave",
@@ -712,11 +723,11 @@ def _zero_init(zeroed_copy) -> str:
 # ---------------------------------------------------------------- lab 04: continual pretraining
 
 
-def _grown_model(seed: int = 0):
-    """(grown model, plan, manifest): a small random Llama of 4 blocks grown by LLaMA Pro to 6 (new: 2 and 5), with
-    the manifest `deepen expand` writes."""
-    plan = llama_pro(4, groups=2)
-    model = grow(_hf_model(n_layers=4, seed=seed), plan)
+def _grown_model(seed: int = 0, n_layers: int = 4, groups: int = 2):
+    """(grown model, plan, manifest): a small random Llama grown by LLaMA Pro (default: 4 blocks to 6, new 2 and 5),
+    with the manifest `deepen expand` writes."""
+    plan = llama_pro(n_layers, groups=groups)
+    model = grow(_hf_model(n_layers=n_layers, seed=seed), plan)
     return model, plan, Manifest(base="a small random Llama", plan=plan).to_dict()
 
 
@@ -731,7 +742,13 @@ def check_freeze(freeze) -> Result:
 
 
 def _freeze(freeze) -> str:
-    model, plan, manifest = _grown_model()
+    first = _freeze_case(freeze, _grown_model())
+    _freeze_case(freeze, _grown_model(n_layers=10, groups=10))  # 20 blocks: new block 1 is a prefix of 10..19
+    return first + "; and on 10 blocks grown to 20, where new block 1's name is a prefix of blocks 10-19's"
+
+
+def _freeze_case(freeze, grown) -> str:
+    model, plan, manifest = grown
     want_model = copy.deepcopy(model)
     select_trainable(want_model, "llama-pro", plan.new_layers)
     want = {name for name, p in want_model.named_parameters() if p.requires_grad}
@@ -761,7 +778,12 @@ def _freeze(freeze) -> str:
                     "every block still receives gradients. Set requires_grad_(False) on the frozen parameters")
     problems = []
     still = [i for i in frozen_blocks if i in learning]
-    if learning == [i - 1 for i in plan.new_layers] or learning == [i + 1 for i in plan.new_layers]:
+    prefixed = [i for i in still if any(str(i).startswith(str(j)) for j in plan.new_layers)]
+    if still and prefixed == still:
+        problems.append(f"frozen blocks {_listing(still)} learn because their names start with a new block's: "
+                        f"matching f'layers.{{i}}' as a substring also catches layers.{still[0]}; match the whole "
+                        "index (name.split('.')[2] == str(i), or 'layers.{i}.' with the dot)")
+    elif learning == [i - 1 for i in plan.new_layers] or learning == [i + 1 for i in plan.new_layers]:
         problems.append(f"off by one: blocks {_listing(learning)} learn; the new blocks are "
                         f"{_listing(plan.new_layers)} (manifest['new_layers'], positions in the grown model)")
     elif learning == sorted({plan.sources[i] for i in plan.new_layers}):
