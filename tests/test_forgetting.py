@@ -92,6 +92,11 @@ def test_a_run_folder_is_measured_once_and_read_as_paired_items(base, tokenizer,
         record = measure(folder, base, small_llama_path, tokenizer, "general", blocks, samples=16, new_tokens=24,
                          progress=lambda _: None)
         assert (folder / DRIFT).is_file() and record["measures"].keys() == {"kl_text", "kl_heldout"}
+    stale = json.loads((tmp_path / "same" / DRIFT).read_text())
+    (tmp_path / "same" / DRIFT).write_text(json.dumps({**stale, "probes": "another draw", "measures": {"kl_text": [9.0]}}))
+    again = measure(tmp_path / "same", base, small_llama_path, tokenizer, "general", blocks, samples=16, new_tokens=24,
+                    progress=lambda _: None)  # scored on other probes: scored anew, on these
+    assert again["probes"] == stale["probes"] and again["measures"] == stale["measures"]
     (tmp_path / "moved" / "model" / "model.safetensors").unlink()  # read, not scored again
     assert measure(tmp_path / "moved", base, small_llama_path, tokenizer, "general", blocks, samples=16,
                    new_tokens=24) == json.loads((tmp_path / "moved" / DRIFT).read_text())

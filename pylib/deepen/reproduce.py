@@ -52,7 +52,7 @@ from deepen import REPO, plots
 from deepen.batches import HELDOUT_SETS, heldout_blocks
 from deepen.budget import budget, duration, model_config, shape_of
 from deepen.config import GrowConfig, RunConfig, changes_of, load_config, merged
-from deepen.forgetting import MEASURES, measure
+from deepen.forgetting import MEASURES, load_drift, measure, probes_key
 from deepen.plan import llama_pro
 from deepen.rundir import read_metrics
 from deepen.runs import RunResult, drift_difference, within_noise
@@ -448,21 +448,23 @@ def runs_root(rung: str, profile: str) -> Path:
 
 
 def measure_drift(jobs: list[Job], base: RunConfig, progress: bool = True) -> None:
-    """Each finished run's drift from the base (deepen.forgetting), scored once per run folder (drift.json): on
-    the rung's held-out general blocks and the base's own samples, on a GPU where there is one."""
+    """Each finished run's drift from the base (deepen.forgetting), scored once per run folder and probes
+    (drift.json; scored anew if it was scored on other probes): on the rung's held-out general blocks and the base's
+    own samples, on a GPU where there is one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    todo = [job for job in {j.folder: j for j in jobs}.values() if not (job.folder / "drift.json").is_file()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = model_folder(base.model, progress)
+    held = _heldout_set(base)
+    key = probes_key(path, base.data.general, held.samples, held.sample_tokens, 0, device)
+    todo = [job for job in {j.folder: j for j in jobs}.values() if (load_drift(job.folder) or {}).get("probes") != key]
     if not todo:
         return
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)  # the runs may have left this process at one thread
-    path = model_folder(base.model, progress)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    held = _heldout_set(base)
     blocks = heldout_blocks(base.data.general, tokenizer, base.data.seq_len,
                             base.train.eval_batches * base.train.global_batch)
     say = print if progress else (lambda _: None)
