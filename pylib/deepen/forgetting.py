@@ -115,8 +115,9 @@ def continue_rows(model, rows: list[list[int]], new_tokens: int, *, sample: bool
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
-    config = GenerationConfig(do_sample=sample, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                              pad_token_id=pad, eos_token_id=eos, bos_token_id=None)
+    warpers = dict(temperature=1.0, top_k=0, top_p=1.0) if sample else {}  # sampling: none of them truncates
+    config = GenerationConfig(do_sample=sample, **warpers, max_new_tokens=new_tokens, pad_token_id=pad, eos_token_id=eos,
+                              bos_token_id=None)
     out = []
     with evaluating(model):
         generator_state = torch.random.get_rng_state(), (torch.cuda.get_rng_state_all() if device.type == "cuda"
