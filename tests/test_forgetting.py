@@ -40,10 +40,10 @@ def moved(model, scale: float, seed: int = 1):
 
 @pytest.fixture(scope="module")
 def probes(base, tokenizer, small_llama_path, tmp_path_factory):
-    import os
-
-    os.environ["DEEPEN_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # this module's probes only
-    return base_probes(base, tokenizer, small_llama_path, "general", samples=16, new_tokens=24, progress=lambda _: None)
+    with pytest.MonkeyPatch.context() as patch:  # this module's probes only; the environment is put back after
+        patch.setenv("DEEPEN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield base_probes(base, tokenizer, small_llama_path, "general", samples=16, new_tokens=24,
+                          progress=lambda _: None)
 
 
 def test_drift_is_exactly_zero_for_the_base_and_for_llama_pro_at_step_0_and_positive_once_moved(base, probes,
